@@ -1,0 +1,1 @@
+"""Built-in protocol drivers, one package or module per protocol."""

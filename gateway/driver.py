@@ -1,0 +1,97 @@
+"""The driver contract: what a protocol plugin implements (see docs/drivers.md).
+
+A driver speaks one protocol to one device and produces ``Reading`` objects.
+It knows nothing of MQTT, hashing or storage. The supervisor calls, in order:
+``connect()``, ``run(emit)`` (until it raises or is cancelled), ``close()``;
+then, after a backoff, a fresh instance again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
+
+import structlog
+
+from gateway.config import DeviceConfig
+from gateway.record import GOOD
+
+Value = float | int | bool | str
+C = TypeVar("C", bound=DeviceConfig)
+
+
+@dataclass(slots=True)
+class Reading:
+    """One value of one tag as the device gave it (before scaling).
+
+    ``val`` is None only when no value could be read; ``q`` is then ``bad`` and
+    ``status`` says why (protocol status code, exception code, "timeout", ...).
+    """
+
+    tag: str
+    val: Value | None
+    q: str = GOOD
+    status: int | str | None = None
+    src_ts: int | None = None  # device timestamp, ns since the Unix epoch
+
+
+Emit = Callable[[list[Reading]], Awaitable[None]]
+"""Hands one acquisition cycle's readings to the pipeline (awaits back-pressure)."""
+
+
+class Driver(ABC, Generic[C]):
+    """Base of every driver. Subclasses set ``config_model`` and implement the rest."""
+
+    config_model: ClassVar[type[DeviceConfig]]
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+        self.log = structlog.get_logger("gateway.driver").bind(device=config.id)
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raise ``DriverError`` (with the reason) on failure."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Acquire until the device fails (raise ``DriverError``) or the task is cancelled."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; must not raise."""
+
+
+class PolledDriver(Driver[C]):
+    """A driver that reads all its tags every ``poll_interval`` seconds."""
+
+    overruns = 0
+
+    @abstractmethod
+    async def poll(self) -> list[Reading]:
+        """Read every tag once. Per-tag failures are readings with ``q='bad'``;
+        raise ``DriverError`` only when the connection itself is gone."""
+
+    async def run(self, emit: Emit) -> None:
+        interval = self.config.poll_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            await emit(await self.poll())
+            next_at += interval
+            now = loop.time()
+            if next_at < now:
+                # A poll took longer than the interval: skip the missed slots
+                # rather than bursting to catch up (drift-free schedule).
+                missed = int((now - next_at) // interval) + 1
+                self.overruns += missed
+                next_at += missed * interval
+            await asyncio.sleep(next_at - now)
+
+
+def now_ns() -> int:
+    """Gateway time: ns since the Unix epoch, UTC."""
+    return time.time_ns()

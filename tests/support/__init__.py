@@ -1,0 +1,1 @@
+"""Test harness: a real Mosquitto, subscribers and gateway runners."""
