@@ -59,7 +59,10 @@ class Mosquitto:
         while True:
             with self.log.open("ab") as log:
                 self.proc = subprocess.Popen(
-                    [mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log
+                    [mosquitto_binary(), "-c", str(conf)],
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,  # Ctrl-C in a demo must not kill it first
                 )
             if self._wait_listening(deadline):
                 return
