@@ -56,7 +56,6 @@ class TLSSection(StrictModel):
     ca_file: Path | None = Field(None, description="CA bundle; system CAs when omitted")
     cert_file: Path | None = Field(None, description="Client certificate (mutual TLS)")
     key_file: Path | None = Field(None, description="Client private key (mutual TLS)")
-    server_name: str | None = Field(None, description="Expected name in the server certificate")
 
     @model_validator(mode="after")
     def _pair(self) -> TLSSection:
@@ -187,10 +186,12 @@ def parse_config(text: str, source: Path, env: Mapping[str, str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     data = _interpolate(data, env, source, ())
+    # Errors are raised "from None": pydantic's own message quotes input
+    # values, and a chained traceback would leak a password into a log.
     try:
         raw = _Raw.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(source, exc, ())) from exc
+        raise ConfigError(_format(source, exc, ())) from None
     from gateway.registry import driver_class  # late: the registry imports config models
 
     devices: list[DeviceConfig] = []
@@ -200,7 +201,8 @@ def parse_config(text: str, source: Path, env: Mapping[str, str]) -> Config:
         where = ("devices", i)
         name = dev.get("driver")
         if not isinstance(name, str):
-            problems.append(f"  {_loc((*where, 'driver'))}: required: the driver name")
+            what = "required key is missing" if name is None else f"must be a string (got {name!r})"
+            problems.append(f"  {_loc((*where, 'driver'))}: {what}: the driver name")
             continue
         try:
             model = driver_class(name).config_model

@@ -16,6 +16,7 @@ import structlog
 
 from gateway.config import Config
 from gateway.driver import Driver
+from gateway.mqtt import tls_context
 from gateway.outbox import Outbox
 from gateway.publisher import Publisher
 from gateway.registry import driver_class
@@ -43,6 +44,10 @@ class Gateway:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # Refuse to start on unreadable secrets or certificates rather than
+        # acquire into an outbox that could never be published.
+        cfg.broker.secret_password()
+        tls_context(cfg.broker)
         drivers: dict[str, type[Driver[Any]]] = {
             d.id: driver_class(d.driver) for d in cfg.devices if d.enabled
         }

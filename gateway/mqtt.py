@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import BrokerSection
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 
 
 class MqttError(GatewayError):
@@ -41,7 +41,7 @@ def tls_context(broker: BrokerSection) -> ssl.SSLContext | None:
         if tls.cert_file and tls.key_file:
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (OSError, ssl.SSLError) as exc:
-        raise MqttError(f"broker.tls: cannot load certificates: {exc}") from exc
+        raise ConfigError(f"broker.tls: cannot load certificates: {exc}") from exc
     return ctx
 
 

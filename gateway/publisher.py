@@ -16,6 +16,7 @@ import time
 import structlog
 
 from gateway.config import BrokerSection
+from gateway.errors import ConfigError
 from gateway.mqtt import AsyncMqtt, MqttError
 from gateway.outbox import Outbox
 from gateway.record import CONTENT_TYPE
@@ -60,15 +61,16 @@ class Publisher:
         """Connect, publish, and reconnect with backoff until cancelled."""
         attempt = 0
         while not self._stopping:
-            mqtt = AsyncMqtt(
-                self.broker,
-                self.broker.client_id or f"gateway-{self.gateway_id}",
-                will=(self.status_topic, OFFLINE),
-                max_inflight=self.window + 8,
-            )
-            mqtt.on_publish = self._on_publish
-            self._mqtt = mqtt
+            mqtt: AsyncMqtt | None = None
             try:
+                mqtt = AsyncMqtt(
+                    self.broker,
+                    self.broker.client_id or f"gateway-{self.gateway_id}",
+                    will=(self.status_topic, OFFLINE),
+                    max_inflight=self.window + 8,
+                )
+                mqtt.on_publish = self._on_publish
+                self._mqtt = mqtt
                 await mqtt.connect()
                 mqtt.publish(self.status_topic, ONLINE, retain=True)
                 self.connected = True
@@ -80,12 +82,17 @@ class Publisher:
                 if not self._stopping:
                     self.last_error = f"connection lost: {mqtt.disconnect_reason}"
                     self.log.warning("broker connection lost", reason=mqtt.disconnect_reason)
-            except MqttError as exc:
+            except (MqttError, ConfigError) as exc:
                 self.last_error = str(exc)
                 self.log.warning("broker unavailable", error=str(exc), attempt=attempt)
+            except Exception as exc:
+                # Whatever goes wrong, the publisher must come back: data keeps
+                # accumulating in the outbox and only this task empties it.
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.log.exception("publisher failed; retrying", attempt=attempt)
             finally:
                 self.connected = False
-                if not self._stopping:
+                if mqtt is not None and not self._stopping:
                     mqtt.close()
                 self._inflight.clear()
             if self._stopping:

@@ -41,13 +41,19 @@ def _sort_key(key: str) -> bytes:
 
 
 def canonical_bytes(fields: Mapping[str, Any]) -> bytes:
-    """Canonical msgpack encoding of ``fields`` (every key except ``hash``)."""
-    return msgpack.packb(_canonical(fields), use_bin_type=True)  # type: ignore[no-any-return]
+    """Canonical msgpack encoding of ``fields`` (every top-level key except ``hash``)."""
+    return msgpack.packb(_canonical_record(fields), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _canonical_record(fields: Mapping[str, Any]) -> dict[str, Any]:
+    # Only the record's own ``hash`` field is left out; a nested key that
+    # happens to be called "hash" (inside info) is content and is hashed.
+    return {k: _canonical(fields[k]) for k in sorted(fields, key=_sort_key) if k != "hash"}
 
 
 def _canonical(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _canonical(value[k]) for k in sorted(value, key=_sort_key) if k != "hash"}
+        return {k: _canonical(value[k]) for k in sorted(value, key=_sort_key)}
     if isinstance(value, list | tuple):
         return [_canonical(v) for v in value]
     return value
@@ -84,7 +90,7 @@ class Chain:
             msgpack.packb(
                 {k: record[k] for k in sorted(record, key=_sort_key) if k != "hash"}
                 if "info" not in record
-                else _canonical(record),
+                else _canonical_record(record),
                 use_bin_type=True,
             )
         ).digest()

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.outbox import merge_ranges
-from gateway.record import EV_GAP, ZERO_HASH, Record, check_record, decode_payload
+from gateway.record import (
+    EV_GAP,
+    ZERO_HASH,
+    Record,
+    canonical_bytes,
+    check_record,
+    decode_payload,
+)
 
 
 @dataclass
@@ -32,6 +41,7 @@ class StreamReport:
     explained: list[list[int]] = field(default_factory=list)
     unexplained: list[list[int]] = field(default_factory=list)
     declared_lost: int = 0  # records refused before they got a seq (drop_newest)
+    not_seen_before: int = 0  # seqs before the first one seen that no $gap explains
     events: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -48,6 +58,8 @@ class StreamReport:
         if self.explained:
             n = sum(b - a + 1 for a, b in self.explained)
             parts.append(f"{n} records in explained gaps {_ranges(self.explained)}")
+        if self.not_seen_before:
+            parts.append(f"seq 1..{self.not_seen_before} not seen (subscribed after them)")
         if self.declared_lost:
             parts.append(f"{self.declared_lost} records declared lost before chaining")
         if self.events:
@@ -115,12 +127,14 @@ class Verifier:
         seen = stream.get(seq)
         if seen is None:
             stream[seq] = dict(record)
-        elif seen.get("hash") == record.get("hash") and check_record(seen) is None:
+        elif _same(seen, record):
             self._dups[key] = self._dups.get(key, 0) + 1
-        elif check_record(seen) is not None and check_record(record) is None:
-            stream[seq] = dict(record)  # the sound copy wins over a corrupted one
         else:
+            # Two different copies of one seq: tampering or a forked chain,
+            # whichever copy is sound. Keep the sound one for the link checks.
             self._conflicts.setdefault(key, []).append(seq)
+            if check_record(seen) is not None and check_record(record) is None:
+                stream[seq] = dict(record)
 
     def report(self) -> Report:
         return Report([self._check(k, s) for k, s in sorted(self._streams.items())], self.malformed)
@@ -157,6 +171,16 @@ class Verifier:
             elif seq - 1 in sound and recs[seq - 1]["hash"] != prev:
                 rep.broken_links.append((seq, f"prev does not match the hash of seq {seq - 1}"))
         covered = merge_ranges(covered)
+        if seqs[0] > 1:
+            # Before the first seq seen: explained where a $gap says so, else the
+            # subscriber simply was not there yet (not an error).
+            lead = [1, seqs[0] - 1]
+            rest = _subtract(lead, covered)
+            rep.not_seen_before = rest[-1][1] if rest else 0
+            for c in covered:
+                lo, hi = max(lead[0], c[0]), min(lead[1], c[1])
+                if lo <= hi:
+                    rep.explained.append([lo, hi])
         for a, b in _missing(seqs):
             for part in _subtract([a, b], covered):
                 rep.unexplained.append(part)
@@ -165,6 +189,14 @@ class Verifier:
                 if lo <= hi:
                     rep.explained.append([lo, hi])
         return rep
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Byte-identical records (a re-delivery), judged on every field."""
+    try:
+        return a.get("hash") == b.get("hash") and canonical_bytes(a) == canonical_bytes(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _missing(seqs: list[int]) -> Iterable[tuple[int, int]]:
@@ -194,16 +226,39 @@ def _ranges(ranges: list[list[int]]) -> str:
 
 
 # -- JSON lines (what `gateway tail` prints, what `verify --capture` reads) -------
+# bytes fields are hex; a NaN (whose sign and payload JSON cannot carry, and the
+# hash covers) is written as {"f64": "<16 hex digits>"}, the float's 8 bytes.
 _BYTES_FIELDS = ("prev", "hash")
 
 
+def _to_json(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, float) and math.isnan(v):
+        return {"f64": struct.pack(">d", v).hex()}
+    if isinstance(v, dict):
+        return {k: _to_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, dict):
+        if set(v) == {"f64"} and isinstance(v["f64"], str):
+            return float(struct.unpack(">d", bytes.fromhex(v["f64"]))[0])
+        return {k: _from_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    return v
+
+
 def record_to_json(record: Mapping[str, Any]) -> str:
-    out = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}
-    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+    return json.dumps(_to_json(dict(record)), sort_keys=True, separators=(",", ":"))
 
 
 def record_from_json(line: str) -> Record:
-    obj = json.loads(line)
+    obj = _from_json(json.loads(line))
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for f in _BYTES_FIELDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,9 @@ class Mosquitto:
         # subscribers, which would look like data loss in the tests.
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # As root, mosquitto drops to user "mosquitto", which cannot write
+            # persistence into a private test directory: stay who we are.
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             + (
                 f"persistence true\npersistence_location {self.workdir}/\n"

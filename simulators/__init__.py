@@ -1,0 +1,1 @@
+"""Device simulators for exercising the gateway against real protocol servers."""
