@@ -40,6 +40,22 @@ def _sort_key(key: str) -> bytes:
     return key.encode()
 
 
+# Key order per key layout: hot-path records share a handful of layouts, so the
+# sort happens once per layout, not per record. (UTF-8 byte order equals code
+# point order, but the explicit key keeps the rule visible.)
+_ORDER: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _order(record: Mapping[str, Any]) -> tuple[str, ...]:
+    layout = tuple(record)
+    order = _ORDER.get(layout)
+    if order is None:
+        order = tuple(sorted((k for k in layout if k != "hash"), key=_sort_key))
+        if len(_ORDER) < 1024:
+            _ORDER[layout] = order
+    return order
+
+
 def canonical_bytes(fields: Mapping[str, Any]) -> bytes:
     """Canonical msgpack encoding of ``fields`` (every top-level key except ``hash``)."""
     return msgpack.packb(_canonical_record(fields), use_bin_type=True)  # type: ignore[no-any-return]
@@ -84,16 +100,13 @@ class Chain:
         seq += 1
         record["seq"] = seq
         record["prev"] = prev
-        # Keys are sorted once per record here rather than by a generic walk:
-        # this is the hot path and records are flat except for events' info.
-        digest = hashlib.sha256(
-            msgpack.packb(
-                {k: record[k] for k in sorted(record, key=_sort_key) if k != "hash"}
-                if "info" not in record
-                else _canonical_record(record),
-                use_bin_type=True,
-            )
-        ).digest()
+        # Readings are flat: their canonical map is built from a cached key
+        # order. Events carry a nested info map and take the generic path.
+        if "info" in record:
+            canonical = _canonical_record(record)
+        else:
+            canonical = {k: record[k] for k in _order(record)}
+        digest = hashlib.sha256(msgpack.packb(canonical, use_bin_type=True)).digest()
         record["hash"] = digest
         self._heads[stream] = (seq, digest)
         return record
