@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a device simulator")
     sim.add_argument("device", choices=["offgas"], help="which simulator")
-    sim.add_argument("args", nargs=argparse.REMAINDER, help="simulator options (see --help)")
+    sim.add_argument(
+        "args", nargs=argparse.REMAINDER, help="simulator options (gateway simulate offgas --help)"
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     for name, helptext in (

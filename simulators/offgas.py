@@ -586,7 +586,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return value
 
     parser = argparse.ArgumentParser(
-        prog="offgas-simulator",
+        prog="gateway simulate offgas",
         description="Modbus TCP off-gas analyser + MFC simulator. " + _HELP + " (on stdin)",
     )
     parser.add_argument("--host", default="127.0.0.1")

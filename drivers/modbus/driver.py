@@ -52,6 +52,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
         ]
         self._client: AsyncModbusTcpClient | None = None
         self._unanswered = 0
+        self._failing: int | str | None = None  # status of the last failing request
         self.requests = 0
 
     async def connect(self) -> None:
@@ -107,6 +108,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
                 continue
             values = rr.bits if req.table in ("coil", "discrete") else rr.registers
             self._decode(out, req, values)
+        self._log_transition(out)
         if self._unanswered >= self.config.fail_after:
             raise DriverError(
                 self.config.id,
@@ -116,6 +118,17 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
         if not client.connected:
             raise DriverError(self.config.id, "connection closed by the device")
         return out
+
+    def _log_transition(self, out: list[Reading]) -> None:
+        # One line when requests start failing and one when they recover, not
+        # one per poll: the records carry the per-poll detail.
+        failing = next((r.status for r in out if r.q == BAD), None)
+        if failing is not None and self._failing is None:
+            bad = sum(1 for r in out if r.q == BAD)
+            self.log.warning("modbus reads failing", status=failing, bad_tags=bad)
+        elif failing is None and self._failing is not None:
+            self.log.info("modbus reads recovered")
+        self._failing = failing
 
     def _decode(self, out: list[Reading], req: ReadRequest, values: Any) -> None:
         names, counts, decoders = self._names, self._counts, self._decoders
