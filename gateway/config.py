@@ -108,7 +108,9 @@ class OutboxSection(StrictModel):
 
     path: Path | None = Field(None, description="SQLite file; default <state_dir>/outbox.db")
     max_bytes: ByteSize = Field(
-        ByteSize(1 << 30), description="Disk quota, e.g. '512MiB' or a number of bytes"
+        ByteSize(1 << 30),
+        ge=64 * 1024,
+        description="Disk quota, e.g. '512MiB' or a number of bytes (at least 64 KiB)",
     )
     policy: Literal["drop_oldest", "drop_newest"] = Field(
         "drop_oldest", description="What happens at the quota; both leave a chained $gap record"

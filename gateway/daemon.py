@@ -16,6 +16,7 @@ import structlog
 
 from gateway.config import Config
 from gateway.driver import Driver
+from gateway.errors import OutboxError
 from gateway.mqtt import tls_context
 from gateway.outbox import Outbox
 from gateway.publisher import Publisher
@@ -79,17 +80,28 @@ class Gateway:
             self.supervisors[dev.id] = sup
             self._tasks.append(asyncio.create_task(sup.run(), name=f"device:{dev.id}"))
         self.ready.set()
+        stop = asyncio.ensure_future(self._stop.wait())
+        failed = asyncio.ensure_future(outbox.failed.wait())
         try:
-            await self._stop.wait()
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stop.cancel()
+            failed.cancel()
             await self._shutdown(pub_task)
+        if outbox.failure is not None:
+            # Acquisition cannot go on without a place to commit records: exit
+            # non-zero so systemd restarts us (the chains continue from disk).
+            raise OutboxError(f"{cfg.outbox_path}: write failed: {outbox.failure}")
 
     async def _shutdown(self, pub_task: asyncio.Task[None]) -> None:
         assert self.outbox is not None and self.publisher is not None
         log.info("gateway stopping")
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a driver stuck in a library call must not hold the shutdown.
+        _, stuck = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
+        for t in stuck:
+            log.error("device task did not stop within 10 s", task=t.get_name())
         drained = await self.publisher.drain(self.cfg.gateway.shutdown_timeout)
         await self.publisher.stop()
         pub_task.cancel()

@@ -163,6 +163,7 @@ class Outbox:
         self.on_commit: Callable[[], None] = lambda: None
         self.dropped_records = 0
         self.commits = 0
+        self.failed = asyncio.Event()  # set when a write failed: nothing more can be acquired
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._failure: BaseException | None = None
@@ -187,7 +188,12 @@ class Outbox:
             durability=durability,
             max_pending=max_pending,
         )
-        await box._run(box._open_db)
+        try:
+            await box._run(box._open_db)
+        except BaseException:
+            await box._run(box._close_db)
+            box._executor.shutdown(wait=True)
+            raise
         box._writer = asyncio.create_task(box._write_loop(), name="outbox-writer")
         return box
 
@@ -197,6 +203,10 @@ class Outbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
     async def close(self, *, clean: bool = True) -> None:
         """Commit everything queued, record a clean shutdown, close the database."""
         if self._writer is None:
@@ -204,7 +214,7 @@ class Outbox:
         self._closing = True
         self._wake.set()
         try:
-            await self._writer
+            await asyncio.gather(self._writer, return_exceptions=True)
         finally:
             self._writer = None
             if clean and self._failure is None:
@@ -391,21 +401,24 @@ class Outbox:
             refused, self._refused = self._refused, {}
             ops = self._submitted
             self._space.set()
-            if batch or acked or refused:
-                try:
+            try:
+                if batch or acked or refused:
                     await self._run(self._commit, batch, acked, list(refused.values()))
-                except BaseException as exc:
-                    self._failure = exc
-                    async with self._committed:
-                        self._committed.notify_all()
-                    raise
-                self._done = ops
-                self.commits += 1
+                    self.commits += 1
+                    if batch:
+                        self.on_commit()
+                    # Quota work (which may commit acks or queue $gap records)
+                    # belongs to this round: flush() waits for it too.
+                    await self._apply_quota()
+            except BaseException as exc:
+                self._failure = exc
                 async with self._committed:
                     self._committed.notify_all()
-                if batch:
-                    self.on_commit()
-                await self._apply_quota()
+                self.failed.set()
+                raise
+            self._done = ops
+            async with self._committed:
+                self._committed.notify_all()
             if self._closing and not (self._pending or self._acked or self._refused):
                 return
 
@@ -493,20 +506,31 @@ class Outbox:
 
     async def _apply_quota(self) -> None:
         if self.full and self.policy == "drop_oldest":
-            await self._run(self._drop_oldest, self.inflight())
-            await self._write_pending_gaps()
-        elif not self.full and self._gaps_waiting:
+            # Delivered rows awaiting their delete are not data at risk: they
+            # count as freed, never as dropped (their delete is already queued).
+            keep = self.inflight() | frozenset(self._acked)
+            if await self._run(self._drop_oldest, keep, frozenset(self._acked)):
+                await self._write_pending_gaps()
+        elif not self.full and self._gaps_waiting and not self._refused:
+            # Refusals still in memory are persisted by the next commit first;
+            # the flag stays up until every one of them is on disk.
             self._gaps_waiting = False
             await self._write_pending_gaps()
 
-    def _drop_oldest(self, inflight: frozenset[int]) -> None:
-        """Delete the oldest unpublished rows down to 90 % of the quota, noting the gaps."""
+    def _drop_oldest(self, keep: frozenset[int], acked: frozenset[int]) -> bool:
+        """Delete the oldest unpublished rows down to 90 % of the quota, noting the gaps.
+
+        Rows holding ``$gap`` records are never dropped: they are what explains
+        the loss, and dropping them would only write another one (a livelock
+        when the quota is tiny). Returns whether anything was dropped.
+        """
         db = self._db
         assert db is not None
         target = self.bytes - int(self.max_bytes * 0.9)
         doomed: list[int] = []
         lost: dict[str, PendingGap] = {}
         freed = 0
+        deleted = 0
         cursor = db.execute(
             "SELECT id, stream, first_seq, last_seq, first_ts, last_ts, gaps, LENGTH(payload) "
             "FROM messages ORDER BY id"
@@ -514,11 +538,15 @@ class Outbox:
         for mid, stream, first, last, t0, t1, gaps, size in cursor:
             if freed >= target:
                 break
-            if mid in inflight:
+            if mid in acked:
+                freed += size + ROW_OVERHEAD  # deleted by the next commit anyway
+                continue
+            if mid in keep or gaps is not None:
                 continue
             doomed.append(mid)
             freed += size + ROW_OVERHEAD
-            ranges = [[first, last], *(msgpack.unpackb(gaps) if gaps else [])]
+            deleted += size + ROW_OVERHEAD
+            ranges = [[first, last]]
             g = lost.get(stream)
             if g is None:
                 reason = (
@@ -531,14 +559,17 @@ class Outbox:
                 g.from_ts, g.to_ts = min(g.from_ts, t0), max(g.to_ts, t1)
                 g.ranges.extend(ranges)
         cursor.close()
+        if not doomed:
+            return False
         with db:
             db.execute("BEGIN IMMEDIATE")
             self._delete_rows(db, doomed)
             for g in lost.values():
                 g.ranges = merge_ranges(g.ranges)
                 self._upsert_gap(db, g)
-        self.bytes -= freed
+        self.bytes -= deleted
         self.dropped_records += sum(g.count for g in lost.values())
+        return True
 
     async def _write_pending_gaps(self) -> None:
         gaps = await self._run(self._load_gaps)

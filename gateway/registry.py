@@ -6,8 +6,7 @@ with only Modbus devices never loads the OPC UA or SiLA 2 stacks.
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from gateway.driver import Driver
@@ -33,16 +32,20 @@ def driver_class(name: str) -> type[Driver[Any]]:
     if name in _loaded:
         return _loaded[name]
     target = BUILTIN.get(name)
-    if target is None:
+    if target is not None:
+        ep = EntryPoint(name, target, ENTRY_POINT_GROUP)
+    else:
         eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not eps:
             raise ConfigError(f"unknown driver {name!r}; known drivers: {', '.join(known_names())}")
-        target = eps[0].value
-    module_name, _, attr = target.partition(":")
+        ep = eps[0]
+    target = ep.value
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"driver {name!r} ({target}) cannot be loaded: {exc}") from exc
+        cls = ep.load()
+    except Exception as exc:  # a plugin may fail on import in any way
+        raise ConfigError(
+            f"driver {name!r} ({target}) cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise ConfigError(f"driver {name!r} ({target}) is not a gateway.driver.Driver subclass")
     _loaded[name] = cls

@@ -53,11 +53,16 @@ class DeviceStream:
             if scaled and isinstance(val, int | float) and not isinstance(val, bool):
                 val = val * scale + offset
             q = r.q
-            if deadband > 0.0 and isinstance(val, int | float) and not isinstance(val, bool):
-                prev = last.get(r.tag)
-                if prev is not None and prev[1] == q and abs(val - prev[0]) <= deadband:
-                    continue
-                last[r.tag] = (val, q)
+            if deadband > 0.0:
+                if q == GOOD and isinstance(val, int | float) and not isinstance(val, bool):
+                    prev = last.get(r.tag)
+                    if prev is not None and abs(val - prev[0]) <= deadband:
+                        continue
+                    last[r.tag] = (val, q)
+                else:
+                    # A bad or uncertain reading breaks continuity: the next good
+                    # value is reported whatever its distance to the last one.
+                    last.pop(r.tag, None)
             rec: Record = {
                 "v": FORMAT_VERSION,
                 "gw": gw,

@@ -63,9 +63,18 @@ class DeviceSupervisor:
         attempt = 0
         try:
             while True:
-                driver = self.driver_cls(self.device)
+                driver: Driver[Any] | None = None
                 try:
-                    await asyncio.wait_for(driver.connect(), self.connect_timeout)
+                    driver = self.driver_cls(self.device)
+                    try:
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can
+                        # swallow a cancellation that races its completion.
+                        async with asyncio.timeout(self.connect_timeout):
+                            await driver.connect()
+                    except TimeoutError as exc:
+                        raise DriverError(
+                            self.device.id, f"no connection within {self.connect_timeout:g} s"
+                        ) from exc
                     if not self.online:
                         self.online = True
                         self.log.info("device online")
@@ -74,13 +83,13 @@ class DeviceSupervisor:
                     await driver.run(self.stream.emit)
                     raise DriverError(self.device.id, "driver stopped without an error")
                 except (DriverError, TimeoutError, OSError) as exc:
-                    reason = _reason(exc, self.connect_timeout)
-                    await self._failed(reason)
+                    await self._failed(_reason(exc))
                 except Exception as exc:  # a driver bug must not kill the gateway
                     self.log.exception("driver crashed")
                     await self._failed(f"driver error: {type(exc).__name__}: {exc}")
                 finally:
-                    await _close_quietly(driver)
+                    if driver is not None:
+                        await _close_quietly(driver)
                 delay = backoff_delay(
                     attempt, base=self.backoff_base, cap=self.backoff_cap, rng=self._rng
                 )
@@ -107,17 +116,18 @@ class DeviceSupervisor:
             self.log.exception("could not record the stop event")
 
 
-def _reason(exc: BaseException, connect_timeout: float) -> str:
+def _reason(exc: BaseException) -> str:
     if isinstance(exc, DriverError):
         return exc.reason
     if isinstance(exc, TimeoutError):
-        return f"no connection within {connect_timeout:g} s"
+        return "timed out while acquiring"
     return f"{type(exc).__name__}: {exc}"
 
 
 async def _close_quietly(driver: Driver[Any]) -> None:
     try:
-        await asyncio.wait_for(driver.close(), 5.0)
+        async with asyncio.timeout(5.0):
+            await driver.close()
     except Exception:
         structlog.get_logger("gateway.supervisor").exception(
             "driver close failed", device=driver.config.id

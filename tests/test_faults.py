@@ -20,7 +20,7 @@ from gateway.record import Record
 from simulators.offgas import OffGasSimulator
 from tests.support.broker import Mosquitto
 from tests.support.collector import Collector
-from tests.support.gateway import Device, GatewaySpec, kill, running, spawn
+from tests.support.gateway import OFFGAS_TAGS, Device, GatewaySpec, kill, running, spawn
 
 
 @pytest.fixture
@@ -188,17 +188,17 @@ async def test_quota_reached_while_broker_down_leaves_an_explained_gap(
     spec = GatewaySpec(
         tmp_path / "state",
         own_broker.port,
-        [Device("offgas", sim.port, poll_interval=0.02)],
-        outbox=f'max_bytes = 20000\npolicy = "{policy}"',
+        [Device("offgas", sim.port, poll_interval=0.02, tags=OFFGAS_TAGS)],
+        outbox=f'max_bytes = 65536\npolicy = "{policy}"',
     )
     async with Collector(own_broker.port) as col:
         own_broker.stop()
         async with running(spec.config()) as gw:
             assert gw.outbox is not None
             outbox = gw.outbox
-            await asyncio.sleep(3)  # ~150 cycles of ~150 bytes: far past 20 kB
+            await asyncio.sleep(3)  # ~150 cycles of ~2.5 kB: far past 64 KiB
             assert outbox.dropped_records > 0
-            assert outbox.bytes <= 20000 * 1.1
+            assert outbox.bytes <= 65536 * 1.1
             own_broker.start()
             await col.wait_for(lambda: col.of("offgas", "$gap"), timeout=15, what="$gap")
             await asyncio.sleep(0.5)

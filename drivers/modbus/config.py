@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -51,6 +52,10 @@ class ModbusTag(TagConfig):
             raise ValueError("data_type 'string' needs `length` (in registers)")
         if self.data_type != "string" and self.length is not None:
             raise ValueError("`length` only applies to data_type 'string'")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {self.encoding!r}") from None
         if self.address + self.count > 65536:
             raise ValueError(f"address {self.address} + {self.count} register(s) passes 65535")
         return self
@@ -79,3 +84,13 @@ class ModbusDevice(DeviceConfig):
         0, ge=0, le=100, description="Unused registers a read may span to join two tags"
     )
     tags: list[ModbusTag] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fits_one_read(self) -> ModbusDevice:
+        for i, t in enumerate(self.tags):
+            if t.table not in _BIT_TABLES and t.count > self.max_registers:
+                raise ValueError(
+                    f"tags[{i}] ({t.name}) spans {t.count} registers, more than "
+                    f"max_registers = {self.max_registers} (one read)"
+                )
+        return self
