@@ -48,7 +48,6 @@ GW, DEV = "gw-01", "bioreactor-1"
 TS = 1_718_000_000_000_000_000
 
 
-
 def _load_module(name: str, path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
