@@ -30,6 +30,8 @@ class Reading:
 
     ``val`` is None only when no value could be read; ``q`` is then ``bad`` and
     ``status`` says why (protocol status code, exception code, "timeout", ...).
+    ``unit`` is a unit the device itself reported (UCUM code); it is used only
+    when the tag's configured ``unit`` is empty: the configuration wins.
     """
 
     tag: str
@@ -37,6 +39,7 @@ class Reading:
     q: str = GOOD
     status: int | str | None = None
     src_ts: int | None = None  # device timestamp, ns since the Unix epoch
+    unit: str | None = None
 
 
 Emit = Callable[[list[Reading]], Awaitable[None]]

@@ -69,7 +69,7 @@ class DeviceStream:
                 "dev": dev,
                 "tag": r.tag,
                 "val": val,
-                "unit": unit,
+                "unit": unit or r.unit or "",
                 "q": q,
                 "ts": ts,
             }

@@ -615,3 +615,17 @@ def test_json_lines_round_trip_preserves_nan_bits() -> None:
 def test_json_lines_round_trip_keeps_the_default_nan() -> None:
     rec = Chain().seal(DEV, {**reading(0), "val": float("nan")})
     assert check_record(record_from_json(record_to_json(rec))) is None
+
+
+def test_device_reported_unit_is_used_only_when_the_config_has_none() -> None:
+    from gateway.config import DeviceConfig, TagConfig
+    from gateway.driver import Reading
+    from gateway.stream import DeviceStream
+
+    dev = DeviceConfig(
+        id="d", driver="x", tags=[TagConfig(name="a", unit="Cel"), TagConfig(name="b")]
+    )
+    stream = DeviceStream("gw", dev, outbox=None)  # type: ignore[arg-type]
+    recs = stream.normalize([Reading("a", 1.0, unit="K"), Reading("b", 2.0, unit="g/L")], 1)
+    assert [r["unit"] for r in recs] == ["Cel", "g/L"]
+    assert stream.normalize([Reading("b", 3.0)], 2)[0]["unit"] == ""
