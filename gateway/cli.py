@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,13 @@ from gateway.config import BrokerSection, Config, json_schema, load_config, summ
 from gateway.errors import ConfigError, GatewayError
 from gateway.record import Record, decode_payload
 from gateway.verify import Verifier, record_from_json, record_to_json
+
+# `gateway simulate NAME ...` -> module whose main(argv) runs that simulator.
+SIMULATORS = {
+    "offgas": "simulators.offgas",  # Modbus TCP off-gas analyser + MFC
+    "serial": "simulators.serial_instruments",  # MT-SICS balance / streaming meter (pty)
+    "bioreactor": "simulators.bioreactor",  # OPC UA stirred-tank bioreactor
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,9 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=_cmd_schema)
 
     sim = sub.add_parser("simulate", help="run a device simulator")
-    sim.add_argument("device", choices=["offgas"], help="which simulator")
+    sim.add_argument("device", choices=sorted(SIMULATORS), help="which simulator")
     sim.add_argument(
-        "args", nargs=argparse.REMAINDER, help="simulator options (gateway simulate offgas --help)"
+        "args",
+        nargs=argparse.REMAINDER,
+        help="simulator options (e.g. gateway simulate offgas --help)",
     )
     sim.set_defaults(func=_cmd_simulate)
 
@@ -101,9 +111,8 @@ def _cmd_schema(_args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators import offgas  # type: ignore[attr-defined,unused-ignore]
-
-    code: int = offgas.main(args.args)
+    module = importlib.import_module(SIMULATORS[args.device])
+    code: int = module.main(args.args)
     return code
 
 

@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "gateway.drivers"
 
 BUILTIN: dict[str, str] = {
     "modbus": "drivers.modbus:ModbusDriver",
+    "serial": "drivers.serial:SerialDriver",
 }
 
 _loaded: dict[str, type[Driver[Any]]] = {}

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the broker if the process that started it dies (a killed
+    test run or demo must not leave brokers behind)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -67,6 +79,7 @@ class Mosquitto:
                     stdout=log,
                     stderr=log,
                     start_new_session=True,  # Ctrl-C in a demo must not kill it first
+                    preexec_fn=_die_with_parent,
                 )
             if self._wait_listening(deadline):
                 return
