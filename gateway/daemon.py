@@ -96,10 +96,14 @@ class Gateway:
     async def _shutdown(self, pub_task: asyncio.Task[None]) -> None:
         assert self.outbox is not None and self.publisher is not None
         log.info("gateway stopping")
-        for t in self._tasks:
-            t.cancel()
-        # Bounded: a driver stuck in a library call must not hold the shutdown.
-        _, stuck = await asyncio.wait(self._tasks, timeout=10) if self._tasks else (set(), set())
+        # Cancel until they end (a library may swallow one cancellation), but
+        # bounded: a driver stuck in a blocking call must not hold the shutdown.
+        stuck = set(self._tasks)
+        deadline = asyncio.get_running_loop().time() + 10
+        while stuck and asyncio.get_running_loop().time() < deadline:
+            for t in stuck:
+                t.cancel()
+            _, stuck = await asyncio.wait(stuck, timeout=0.5)
         for t in stuck:
             log.error("device task did not stop within 10 s", task=t.get_name())
         drained = await self.publisher.drain(self.cfg.gateway.shutdown_timeout)

@@ -81,9 +81,16 @@ class PolledDriver(Driver[C]):
     async def run(self, emit: Emit) -> None:
         interval = self.config.poll_interval
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         next_at = loop.time()
         while True:
-            await emit(await self.poll())
+            readings = await self.poll()
+            # Python 3.11's wait_for (used inside protocol libraries) can swallow
+            # a cancellation that races a response; the request to stop is
+            # still recorded on the task, so honour it here.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            await emit(readings)
             next_at += interval
             now = loop.time()
             if next_at < now:
