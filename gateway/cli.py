@@ -22,6 +22,7 @@ from gateway.verify import Verifier, record_from_json, record_to_json
 SIMULATORS = {
     "offgas": "simulators.offgas",  # Modbus TCP off-gas analyser + MFC
     "serial": "simulators.serial_instruments",  # MT-SICS balance / streaming meter (pty)
+    "modbus-rtu": "simulators.modbus_rtu",  # Modbus RTU bus with several units (pty)
     "bioreactor": "simulators.bioreactor",  # OPC UA stirred-tank bioreactor
 }
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -19,6 +20,14 @@ sys.path.insert(0, str(ROOT))
 from tests.support.broker import Mosquitto, free_port  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
+
+
+def _link(line: str) -> str:
+    """The stable link path from the serial simulator's first line."""
+    words = line.split()  # "balance on /dev/pts/N link /path/to/by-id/usb-..."
+    if "link" in words and words.index("link") + 1 < len(words):
+        return words[words.index("link") + 1]
+    raise SystemExit(f"demo: cannot read the balance's port from {line!r}")
 
 
 def main() -> int:
@@ -36,50 +45,57 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     sim_log = (work / "simulator.log").open("ab")
     gw_log = (work / "gateway.log").open("ab")
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    BIN / "gateway",
-                    "simulate",
-                    "offgas",
-                    "--port",
-                    str(modbus_port),
-                    "--unit-id",
-                    "1",
-                    "--unit-id",
-                    "2",
-                    "--time-scale",
-                    "600",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=sim_log,
-                stderr=sim_log,
-                env=env,
-            )
+
+    def start(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        # Own session: a Ctrl-C in the terminal reaches only this script, which
+        # then stops the others in order (the gateway flushes while the broker
+        # is still up).
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(BIN / "gateway"), *args], env=env, start_new_session=True, **kw
         )
+        procs.append(proc)
+        return proc
+
+    try:
+        start(
+            [
+                "simulate",
+                "offgas",
+                "--port",
+                str(modbus_port),
+                "--unit-id",
+                "1",
+                "--unit-id",
+                "2",
+                "--time-scale",
+                "600",
+            ],
+            stdout=sim_log,
+            stderr=sim_log,
+        )
+        balance = start(
+            ["simulate", "serial", "--instrument", "balance", "--link-dir", str(work / "by-id")],
+            stdout=subprocess.PIPE,
+            stderr=sim_log,
+        )
+        assert balance.stdout is not None
+        env["DEMO_BALANCE_PORT"] = _link(balance.stdout.readline().decode())
         time.sleep(1.0)
-        procs.append(
-            subprocess.Popen(
-                [BIN / "gateway", "run", "--config", ROOT / "config" / "demo.toml", "--log-json"],
-                stdout=gw_log,
-                stderr=gw_log,
-                env=env,
-            )
+        start(
+            ["run", "--config", str(ROOT / "config" / "demo.toml"), "--log-json"],
+            stdout=gw_log,
+            stderr=gw_log,
         )
         print(
-            f"demo: broker mqtt://127.0.0.1:{broker.port}, off-gas simulator "
-            f"modbus://127.0.0.1:{modbus_port} (units 1, 2; 10 simulated min per second)"
+            f"demo: broker mqtt://127.0.0.1:{broker.port}, off-gas analysers "
+            f"modbus://127.0.0.1:{modbus_port} (units 1, 2; 10 simulated min per second), "
+            f"balance on {env['DEMO_BALANCE_PORT']}"
         )
         print(f"demo: gateway log {work / 'gateway.log'}; verify any time with:")
         print(f"  .venv/bin/gateway verify --port {broker.port} --seconds 10")
         print("demo: live records (Ctrl-C to stop)\n", flush=True)
-        tail = subprocess.Popen(
-            [BIN / "gateway", "tail", "--port", str(broker.port), "--format", "table"],
-            env=env,
-            start_new_session=True,
-        )
-        procs.append(tail)
+        start(["tail", "--port", str(broker.port), "--format", "table"], stdin=None)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         dead = [p for p in procs if p.poll() is not None]

@@ -394,7 +394,9 @@ def test_schema_is_json_and_describes_modbus() -> None:
     assert device["additionalProperties"] is False
     for key in ("id", "host", "port", "unit_id", "poll_interval", "timeout", "tags"):
         assert key in device["properties"], key
-    assert {"id", "driver", "host", "tags"} <= set(device["required"])
+    assert {"id", "driver", "tags"} <= set(device["required"])
+    # host is required with transport tcp only (RTU devices have a serial_port)
+    assert device["allOf"][0]["else"]["required"] == ["host"]
 
     tag = _resolve(schema, device["properties"]["tags"]["items"])
     props = tag["properties"]

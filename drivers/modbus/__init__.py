@@ -1,4 +1,4 @@
-"""Modbus TCP driver: see docs/drivers/modbus.md."""
+"""Modbus driver, TCP and RTU: see docs/drivers/modbus.md."""
 
 from drivers.modbus.driver import ModbusDriver
 

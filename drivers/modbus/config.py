@@ -1,17 +1,46 @@
-"""Configuration models of the Modbus driver: a device and its tags."""
+"""Configuration models of the Modbus driver: a device and its tags.
+
+A device is one unit id, reached over Modbus TCP (``host``/``port``) or on an
+RTU serial bus (``serial_port`` and the line settings). Keys of the other
+transport are refused with an error naming the key, so a half-converted
+config never loads.
+"""
 
 from __future__ import annotations
 
 import codecs
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from drivers.modbus.decode import ByteOrder, DataType, register_count
 from drivers.modbus.plan import Table
 from gateway.config import DeviceConfig, TagConfig
 
 _BIT_TABLES = ("coil", "discrete")
+Transport = Literal["tcp", "rtu"]
+Parity = Literal["N", "E", "O"]
+# Keys that only mean something on a serial line / on a TCP connection.
+RTU_KEYS = ("serial_port", "baudrate", "bytesize", "parity", "stopbits")
+TCP_KEYS = ("host", "port")
+
+
+def _conditional_schema(schema: dict[str, Any]) -> None:
+    """JSON Schema: which keys are required or refused depends on ``transport``."""
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"transport": {"const": "rtu"}}, "required": ["transport"]},
+            "then": {
+                "required": ["serial_port"],
+                "not": {"anyOf": [{"required": [k]} for k in TCP_KEYS]},
+            },
+            "else": {
+                "required": ["host"],
+                "not": {"anyOf": [{"required": [k]} for k in RTU_KEYS]},
+            },
+        }
+    ]
 
 
 class ModbusTag(TagConfig):
@@ -69,12 +98,42 @@ class ModbusTag(TagConfig):
 
 
 class ModbusDevice(DeviceConfig):
-    """A Modbus TCP device (one unit id on one connection)."""
+    """One Modbus unit: over TCP (one connection), or on an RTU serial bus.
+
+    Several RTU devices with the same ``serial_port`` are units on one bus and
+    share one open port (``drivers/modbus/bus.py``).
+    """
+
+    model_config = ConfigDict(json_schema_extra=_conditional_schema)
 
     driver: Literal["modbus"]
-    host: str = Field(description="Device host name or IP address")
-    port: int = Field(502, ge=1, le=65535)
-    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave) id")
+    transport: Transport = Field(
+        "tcp", description="tcp: Modbus TCP (host, port); rtu: RTU on a serial line (serial_port)"
+    )
+    host: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
+        description="Device host name or IP address (transport tcp; required there)",
+    )
+    port: int = Field(502, ge=1, le=65535, description="TCP port (transport tcp)")
+    serial_port: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
+        description="Serial device, e.g. /dev/ttyUSB0 or /dev/serial/by-id/... "
+        "(transport rtu; required there). Devices naming the same port share one bus",
+    )
+    baudrate: int = Field(19200, ge=300, le=4_000_000, description="Bits per second (rtu)")
+    bytesize: int = Field(8, ge=8, le=8, description="Data bits (rtu): always 8 in RTU mode")
+    parity: Parity = Field("E", description="N, E or O (rtu); E is the Modbus default")
+    stopbits: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="Stop bits (rtu); the spec wants 2 with parity N (11-bit characters)",
+    )
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave) id; 1-247 on an RTU bus")
     timeout: float = Field(1.0, gt=0, le=60, description="Seconds to wait for each answer")
     fail_after: int = Field(
         3, ge=1, description="Consecutive unanswered requests before reconnecting"
@@ -84,6 +143,61 @@ class ModbusDevice(DeviceConfig):
         0, ge=0, le=100, description="Unused registers a read may span to join two tags"
     )
     tags: list[ModbusTag] = Field(min_length=1)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None, info: ValidationInfo) -> str | None:
+        transport = info.data.get("transport")
+        if transport == "tcp" and value is None:
+            raise PydanticCustomError("missing", "Field required")
+        if transport == "rtu" and value is not None:
+            raise ValueError(
+                "does not apply to transport 'rtu': the units are reached through "
+                "`serial_port`; remove `host`"
+            )
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int, info: ValidationInfo) -> int:
+        # Runs only when `port` is given (no validate_default).
+        if info.data.get("transport") == "rtu":
+            raise ValueError(
+                "does not apply to transport 'rtu' (a TCP port); name the serial "
+                "device with `serial_port` instead"
+            )
+        return value
+
+    @field_validator("serial_port")
+    @classmethod
+    def _serial_port(cls, value: str | None, info: ValidationInfo) -> str | None:
+        transport = info.data.get("transport")
+        if transport == "rtu" and value is None:
+            raise ValueError(
+                "required key is missing: transport 'rtu' needs the serial device, "
+                "e.g. /dev/ttyUSB0 or /dev/serial/by-id/..."
+            )
+        if transport == "tcp" and value is not None:
+            raise ValueError("only applies to transport 'rtu'; add transport = \"rtu\"")
+        return value
+
+    @field_validator("baudrate", "bytesize", "parity", "stopbits")
+    @classmethod
+    def _serial_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        # Runs only when the key is given (no validate_default).
+        if info.data.get("transport") == "tcp":
+            raise ValueError("only applies to transport 'rtu'; add transport = \"rtu\"")
+        return value
+
+    @field_validator("unit_id")
+    @classmethod
+    def _unit_id(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("transport") == "rtu" and not 1 <= value <= 247:
+            raise ValueError(
+                "must be 1-247 on an RTU bus (0 is broadcast, which no unit answers; "
+                "248-255 are reserved)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fits_one_read(self) -> ModbusDevice:

@@ -1,10 +1,16 @@
-"""Modbus TCP driver (pymodbus): coalesced reads, decoded per tag.
+"""Modbus driver (pymodbus), TCP or RTU: coalesced reads, decoded per tag.
 
 Every exception response and unanswered request becomes a ``q=bad`` reading
 with the reason in ``status`` (the Modbus exception code, or "timeout"); a
 value is never re-reported as good after a failed read. After ``fail_after``
 unanswered requests in a row the connection is treated as dead and the
 supervisor reconnects.
+
+Over TCP each device has its own connection. Over RTU the device is one unit
+on a serial bus shared with the other devices naming the same port
+(:mod:`drivers.modbus.bus`): ``connect`` takes a reference on the bus and
+checks that the unit answers, ``close`` drops the reference, and a failing unit
+(``fail_after``) reconnects alone while the bus stays open for the others.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
+from drivers.modbus import bus as rtu
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.decode import DecodeError, Decoder, make_decoder
 from drivers.modbus.plan import ReadRequest, TagAddress, plan_reads
@@ -23,6 +30,13 @@ from gateway.errors import DriverError
 from gateway.record import BAD
 
 TIMEOUT = "timeout"
+_FUNCTION_CODES = {"holding": 3, "input": 4, "coil": 1, "discrete": 2}
+_READ_METHODS = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
 
 
 def _bool(bits: Any) -> bool:
@@ -30,7 +44,7 @@ def _bool(bits: Any) -> bool:
 
 
 class ModbusDriver(PolledDriver[ModbusDevice]):
-    """Polls one Modbus TCP unit."""
+    """Polls one Modbus unit: over its own TCP connection or on a shared RTU bus."""
 
     config_model = ModbusDevice
 
@@ -51,12 +65,17 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             for t in tags
         ]
         self._client: AsyncModbusTcpClient | None = None
+        self._bus: rtu.RtuBus | None = None
         self._unanswered = 0
         self._failing: int | str | None = None  # status of the last failing request
         self.requests = 0
 
     async def connect(self) -> None:
         c = self.config
+        if c.transport == "rtu":
+            await self._connect_rtu()
+            return
+        assert c.host is not None  # the config requires it for tcp
         # pymodbus' own reconnect and retries are off: the supervisor owns
         # reconnection, and a retry would hide a timeout inside a poll.
         client = AsyncModbusTcpClient(
@@ -67,10 +86,40 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             raise DriverError(c.id, f"cannot connect to {c.host}:{c.port}")
         self._unanswered = 0
 
+    async def _connect_rtu(self) -> None:
+        c = self.config
+        assert c.serial_port is not None  # the config requires it for rtu
+        settings = rtu.SerialSettings(c.baudrate, c.bytesize, c.parity, c.stopbits)
+        try:
+            self._bus = await rtu.acquire(c.serial_port, settings, c.id)
+        except rtu.BusError as exc:
+            raise DriverError(c.id, exc.reason) from exc
+        self._unanswered = 0
+        # A unit on a bus has no connection of its own: it is online once it
+        # answers (an exception response is an answer). Without this probe a
+        # dead unit would flap $online/$offline on every reconnect.
+        self.requests += 1
+        try:
+            await self._read(self.plan[0])
+        except rtu.BusError as exc:
+            raise DriverError(c.id, exc.reason) from exc
+        except ConnectionException as exc:
+            raise DriverError(c.id, f"connection lost: {exc}") from exc
+        except (ModbusIOException, TimeoutError) as exc:
+            raise DriverError(
+                c.id,
+                f"unit {c.unit_id} on {self._bus.label} does not answer (timeout {c.timeout:g} s)",
+            ) from exc
+        except ModbusException:
+            pass  # it answered, with something poll() will report per tag
+
     async def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._bus is not None:
+            rtu.release(self._bus, self.config.id)
+            self._bus = None
 
     def _reader(self, req: ReadRequest) -> Callable[..., Awaitable[Any]]:
         assert self._client is not None
@@ -82,20 +131,41 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             "discrete": client.read_discrete_inputs,
         }[req.table]
 
-    async def poll(self) -> list[Reading]:
+    async def _read(self, req: ReadRequest) -> Any:
+        c = self.config
+        if self._bus is None:
+            return await self._reader(req)(req.address, count=req.count, device_id=c.unit_id)
+        method = _READ_METHODS[req.table]
+
+        def call(client: Any) -> Awaitable[Any]:
+            reader: Callable[..., Awaitable[Any]] = getattr(client, method)
+            return reader(req.address, count=req.count, device_id=c.unit_id)
+
+        return await self._bus.transact(c.id, call, c.timeout)
+
+    def _check_link(self, *, after_poll: bool) -> None:
+        """Raise DriverError when the connection (TCP) or the bus (RTU) is gone."""
+        if self._bus is not None:
+            if (reason := self._bus.dead) is not None:
+                raise DriverError(self.config.id, reason)
+            return
         client = self._client
         if client is None or not client.connected:
-            raise DriverError(self.config.id, "connection lost")
+            what = "connection closed by the device" if after_poll else "connection lost"
+            raise DriverError(self.config.id, what)
+
+    async def poll(self) -> list[Reading]:
+        self._check_link(after_poll=False)
         out: list[Reading] = []
         for req in self.plan:
             self.requests += 1
             try:
-                rr = await self._reader(req)(
-                    req.address, count=req.count, device_id=self.config.unit_id
-                )
+                rr = await self._read(req)
+            except rtu.BusError as exc:
+                raise DriverError(self.config.id, exc.reason) from exc
             except ConnectionException as exc:
                 raise DriverError(self.config.id, f"connection lost: {exc}") from exc
-            except ModbusIOException:
+            except (ModbusIOException, TimeoutError):
                 self._unanswered += 1
                 self._bad(out, req, TIMEOUT)
                 continue
@@ -106,6 +176,9 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             if rr.isError():
                 self._bad(out, req, int(rr.exception_code))
                 continue
+            if self._bus is not None and (mismatch := _mismatch(req, rr)) is not None:
+                self._bad(out, req, f"error: {mismatch}")
+                continue
             values = rr.bits if req.table in ("coil", "discrete") else rr.registers
             self._decode(out, req, values)
         self._log_transition(out)
@@ -115,8 +188,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
                 f"no answer to {self._unanswered} requests in a row "
                 f"(timeout {self.config.timeout:g} s each)",
             )
-        if not client.connected:
-            raise DriverError(self.config.id, "connection closed by the device")
+        self._check_link(after_poll=True)
         return out
 
     def _log_transition(self, out: list[Reading]) -> None:
@@ -143,3 +215,24 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
     def _bad(self, out: list[Reading], req: ReadRequest, status: int | str) -> None:
         names = self._names
         out.extend(Reading(names[i], None, BAD, status) for i, _ in req.members)
+
+
+def _mismatch(req: ReadRequest, rr: Any) -> str | None:
+    """Why an RTU answer cannot be the answer to ``req`` (None when it can).
+
+    RTU frames carry no transaction id: a unit answering after its timeout
+    could have its late answer taken for the next request's. Function code and
+    size catch most such mix-ups; a late answer to an identical request is
+    indistinguishable (and then carries the same registers).
+    """
+    expected = _FUNCTION_CODES[req.table]
+    code = getattr(rr, "function_code", None)
+    if code != expected:
+        return f"answer with function code {code} to a request with {expected}"
+    if req.table in ("coil", "discrete"):
+        n = len(rr.bits)
+        if not req.count <= n < req.count + 8:  # bits come padded to whole bytes
+            return f"answer holds {n} bits for {req.count} requested"
+    elif (n := len(rr.registers)) != req.count:
+        return f"answer holds {n} registers for {req.count} requested"
+    return None
