@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, schema, simulate, tail, verify."""
+"""The `gateway` command: run, check, schema, browse, simulate, tail, verify."""
 
 from __future__ import annotations
 
@@ -63,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the config file's JSON Schema")
     schema.set_defaults(func=_cmd_schema)
 
+    br = sub.add_parser("browse", help="list an OPC UA server's variables (or a config block)")
+    br.add_argument("endpoint", help="opc.tcp://host:port/path")
+    br.add_argument("--start", default="i=85", help="start node (default: Objects)")
+    br.add_argument("--depth", type=int, default=10)
+    br.add_argument("--toml", action="store_true", help="print a ready-to-paste [[devices]] block")
+    br.add_argument("--device-id", default="opcua-1", help="device id in the --toml block")
+    br.add_argument("--security-policy", default="None", help="e.g. Basic256Sha256")
+    br.add_argument("--security-mode", default=None, help="Sign or SignAndEncrypt")
+    br.add_argument("--username")
+    br.add_argument("--password-file", type=Path)
+    br.add_argument("--server-cert", type=Path, help="trust this server certificate")
+    br.add_argument("--server-cert-sha256", help="trust a server certificate by fingerprint")
+    br.add_argument(
+        "--config", "-c", type=Path, help="reuse the gateway's client certificate (state_dir)"
+    )
+    br.set_defaults(func=_cmd_browse)
+
     sim = sub.add_parser("simulate", help="run a device simulator")
     sim.add_argument("device", choices=sorted(SIMULATORS), help="which simulator")
     sim.add_argument(
@@ -115,6 +132,53 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     module = importlib.import_module(SIMULATORS[args.device])
     code: int = module.main(args.args)
     return code
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from drivers.opcua.browse import browse, render_config
+    from drivers.opcua.driver import describe
+
+    cert_dir = None
+    if args.config is not None:
+        cert_dir = load_config(args.config).gateway.state_dir / "opcua"
+    try:
+        found = asyncio.run(
+            browse(
+                args.endpoint,
+                start=args.start,
+                depth=args.depth,
+                security_policy=args.security_policy,
+                security_mode=args.security_mode,
+                username=args.username,
+                password_file=args.password_file,
+                client_cert_dir=cert_dir,
+                server_cert=args.server_cert,
+                server_cert_sha256=args.server_cert_sha256,
+            )
+        )
+    except ConfigError:
+        raise
+    except Exception as exc:  # asyncua raises many unrelated types; say which, once
+        raise GatewayError(f"browse {args.endpoint}: {describe(exc)}") from None
+    if args.toml:
+        print(
+            render_config(
+                found,
+                endpoint=args.endpoint,
+                device_id=args.device_id,
+                start=args.start,
+                security_policy=args.security_policy,
+                security_mode=args.security_mode,
+                server_cert_sha256=args.server_cert_sha256,
+            ),
+            end="",
+        )
+        return 0
+    print(f"{'node id':<70} {'type':<10} {'unit':<10} browse path")
+    for v in found:
+        print(f"{v.node_id:<70} {v.data_type:<10} {v.unit or v.eu_display:<10} {v.browse_path}")
+    print(f"{len(found)} variable(s)", file=sys.stderr)
+    return 0
 
 
 def _broker(args: argparse.Namespace) -> tuple[BrokerSection, str]:

@@ -75,7 +75,9 @@ class Gateway:
             if not dev.enabled:
                 continue
             stream = DeviceStream(cfg.gateway.id, dev, outbox)
-            sup = DeviceSupervisor(dev, drivers[dev.id], stream, clean_restart=clean)
+            sup = DeviceSupervisor(
+                dev, drivers[dev.id], stream, clean_restart=clean, state_dir=cfg.gateway.state_dir
+            )
             self.streams[dev.id] = stream
             self.supervisors[dev.id] = sup
             self._tasks.append(asyncio.create_task(sup.run(), name=f"device:{dev.id}"))

@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 import structlog
@@ -50,6 +51,9 @@ class Driver(ABC, Generic[C]):
     """Base of every driver. Subclasses set ``config_model`` and implement the rest."""
 
     config_model: ClassVar[type[DeviceConfig]]
+    # The gateway's [gateway] state_dir, set by the supervisor before connect():
+    # where a driver keeps what must survive restarts (e.g. its certificates).
+    state_dir: Path | None = None
 
     def __init__(self, config: C) -> None:
         self.config = config

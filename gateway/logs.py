@@ -46,4 +46,6 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     # device (q=bad records, offline events, transition log lines), so only its
     # critical messages pass.
     root.setLevel(max(_LEVELS[level], logging.WARNING))
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # asyncua likewise logs a traceback when a server goes away mid-publish.
+    for noisy in ("pymodbus", "asyncua"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)

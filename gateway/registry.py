@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "gateway.drivers"
 BUILTIN: dict[str, str] = {
     "modbus": "drivers.modbus:ModbusDriver",
     "serial": "drivers.serial:SerialDriver",
+    "opcua": "drivers.opcua:OpcUaDriver",
 }
 
 _loaded: dict[str, type[Driver[Any]]] = {}

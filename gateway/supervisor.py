@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -38,6 +39,7 @@ class DeviceSupervisor:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         clean_restart: bool = True,
+        state_dir: Path | None = None,
     ) -> None:
         self.device = device
         self.driver_cls = driver_cls
@@ -46,6 +48,7 @@ class DeviceSupervisor:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.clean_restart = clean_restart
+        self.state_dir = state_dir
         self.online = False
         self.failures = 0
         self.last_error: str | None = None
@@ -66,6 +69,7 @@ class DeviceSupervisor:
                 driver: Driver[Any] | None = None
                 try:
                     driver = self.driver_cls(self.device)
+                    driver.state_dir = self.state_dir
                     try:
                         # asyncio.timeout, not wait_for: on 3.11 wait_for can
                         # swallow a cancellation that races its completion.

@@ -36,10 +36,12 @@ def main() -> int:
     broker = Mosquitto(work / "mosquitto")
     broker.start()
     modbus_port = free_port()
+    opcua_port = free_port()
     env = dict(
         os.environ,
         DEMO_BROKER_PORT=str(broker.port),
         DEMO_MODBUS_PORT=str(modbus_port),
+        DEMO_OPCUA_PORT=str(opcua_port),
         DEMO_STATE_DIR=str(work / "state"),
     )
     procs: list[subprocess.Popen[bytes]] = []
@@ -74,6 +76,13 @@ def main() -> int:
             stdout=sim_log,
             stderr=sim_log,
         )
+        bioreactor = start(
+            ["simulate", "bioreactor", "--port", str(opcua_port), "--time-scale", "600"],
+            stdout=subprocess.PIPE,
+            stderr=sim_log,
+        )
+        assert bioreactor.stdout is not None
+        bioreactor.stdout.readline()  # "bioreactor simulator listening on ..." once it serves
         balance = start(
             ["simulate", "serial", "--instrument", "balance", "--link-dir", str(work / "by-id")],
             stdout=subprocess.PIPE,
@@ -88,7 +97,8 @@ def main() -> int:
             stderr=gw_log,
         )
         print(
-            f"demo: broker mqtt://127.0.0.1:{broker.port}, off-gas analysers "
+            f"demo: broker mqtt://127.0.0.1:{broker.port}, bioreactor "
+            f"opc.tcp://127.0.0.1:{opcua_port}/bioreactor, off-gas analysers "
             f"modbus://127.0.0.1:{modbus_port} (units 1, 2; 10 simulated min per second), "
             f"balance on {env['DEMO_BALANCE_PORT']}"
         )

@@ -977,8 +977,11 @@ class BioreactorSimulator:
 
     async def _run_updates(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancel that races the wake-up, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.update_interval)
+                async with asyncio.timeout(self.update_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.tick()
