@@ -111,8 +111,10 @@ class AsyncMqtt:
             props.SessionExpiryInterval = self.session_expiry
         b = self.broker
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(
+            # asyncio.timeout rather than wait_for, which on 3.11 can swallow a
+            # cancellation that races completion (seen with pymodbus here).
+            async with asyncio.timeout(timeout):
+                await asyncio.to_thread(
                     self.client.connect,
                     b.host,
                     b.port,
@@ -121,10 +123,9 @@ class AsyncMqtt:
                     if self.v5
                     else paho.MQTT_CLEAN_START_FIRST_ONLY,
                     properties=props,
-                ),
-                timeout,
-            )
-            await asyncio.wait_for(self._connack, timeout)
+                )
+            async with asyncio.timeout(timeout):
+                await self._connack
         except TimeoutError as exc:
             self.close()
             raise MqttError(f"broker {b.host}:{b.port}: no answer within {timeout:g} s") from exc
@@ -234,7 +235,8 @@ class AsyncMqtt:
         assert mid is not None
         fut = self._subacks[mid] = self._loop.create_future()
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError as exc:
             raise MqttError(f"subscribe to {topic}: no SUBACK within {timeout:g} s") from exc
         finally:

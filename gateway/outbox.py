@@ -392,7 +392,8 @@ class Outbox:
         while True:
             if self._acked and not self._wake.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), ACK_DELAY)
+                    async with asyncio.timeout(ACK_DELAY):
+                        await self._wake.wait()
             else:
                 await self._wake.wait()
             self._wake.clear()
@@ -407,7 +408,7 @@ class Outbox:
                     self.commits += 1
                     if batch:
                         self.on_commit()
-                    # Quota work (which may commit acks or queue $gap records)
+                    # Quota work (deletes, and the $gap records it queues)
                     # belongs to this round: flush() waits for it too.
                     await self._apply_quota()
             except BaseException as exc:
