@@ -93,14 +93,19 @@ class BrokerSection(StrictModel):
 
     def secret_password(self) -> str | None:
         """The password, read from password_file when one is given."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"broker.password_file: cannot read: {exc}") from exc
+        return resolve_secret(self.password, self.password_file, "broker.password_file")
+
+
+def resolve_secret(value: SecretStr | None, file: Path | None, field: str) -> str | None:
+    """A secret given inline or in a file (one line; the newline is not part of it)."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is None:
         return None
+    try:
+        return file.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read {file}: {exc.strerror or exc}") from None
 
 
 class OutboxSection(StrictModel):

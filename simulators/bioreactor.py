@@ -113,7 +113,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -138,7 +137,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from simulators.bioreactor_model import SETPOINT_LIMITS, BioreactorModel, SetpointName
-from simulators.offgas import _stdin_commands_wanted
+from simulators.console import run_until_signal
 
 __all__ = [
     "APPLICATION_URI",
@@ -1079,47 +1078,7 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"bioreactor simulator listening on {sim.endpoint}", flush=True)
     print(f"server certificate: {sim.server_certificate}", flush=True)
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-    reading = fd >= 0 and _stdin_commands_wanted(fd)
-    lines: asyncio.Queue[str] = asyncio.Queue()
-    pending = b""
-
-    def on_stdin() -> None:
-        nonlocal pending, reading
-        chunk = os.read(fd, 4096)
-        if not chunk:  # EOF: keep simulating, just stop listening for commands
-            loop.remove_reader(fd)
-            reading = False
-            return
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for raw in complete:
-            lines.put_nowait(raw.decode(errors="replace"))
-
-    async def run_commands() -> None:
-        while True:
-            await _handle_command(sim, await lines.get())
-
-    if reading:
-        loop.add_reader(fd, on_stdin)
-    commands = asyncio.create_task(run_commands())
-    try:
-        await stopping.wait()
-    finally:
-        if reading:
-            loop.remove_reader(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        commands.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await commands
-        await sim.stop()
-    return 0
+    return await run_until_signal(lambda line: _handle_command(sim, line), sim.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

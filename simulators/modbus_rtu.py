@@ -49,7 +49,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import tty
@@ -61,11 +60,13 @@ from typing import Literal
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-# OffGasSimulator._units (its _Unit objects) and _stdin_commands_wanted are
+from simulators.console import run_until_signal
+
+# OffGasSimulator._units (its _Unit objects) is
 # private to offgas.py, used on purpose: the RTU units must be the very same
 # analysers (register map, process model, fault behaviour) as the TCP
 # simulator's, not a copy.
-from simulators.offgas import EngValue, OffGasSimulator, _stdin_commands_wanted
+from simulators.offgas import EngValue, OffGasSimulator
 
 __all__ = ["NullModem", "RtuBusSimulator", "RtuFault", "main"]
 
@@ -407,46 +408,7 @@ async def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-    reading = fd >= 0 and _stdin_commands_wanted(fd)
-    pending = b""
-    commands: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_stdin() -> None:
-        nonlocal pending, reading
-        chunk = os.read(fd, 4096)
-        if not chunk:  # EOF: keep simulating, just stop listening for commands
-            loop.remove_reader(fd)
-            reading = False
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            commands.put_nowait(raw.decode(errors="replace"))
-
-    async def run_commands() -> None:
-        while True:
-            await _handle_command(sim, await commands.get())
-
-    if reading:
-        loop.add_reader(fd, on_stdin)
-    runner = asyncio.create_task(run_commands())
-    try:
-        await stopping.wait()
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-        if reading:
-            loop.remove_reader(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await sim.stop()
-    return 0
+    return await run_until_signal(lambda line: _handle_command(sim, line), sim.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

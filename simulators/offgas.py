@@ -69,9 +69,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import signal
-import stat
 import struct
 import sys
 import time
@@ -84,6 +81,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from simulators.console import run_until_signal
 from simulators.process_model import CultureModel
 
 __all__ = [
@@ -628,21 +626,6 @@ def _handle_command(sim: OffGasSimulator, line: str) -> None:
         print(f"error: {exc}; {_HELP}", flush=True)
 
 
-def _stdin_commands_wanted(fd: int) -> bool:
-    """Read commands only from a pipe or a TTY we own (not /dev/null, not a file)."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        return False
-    if stat.S_ISFIFO(mode):
-        return True
-    if os.isatty(fd):
-        # A background job reading its terminal would be stopped by SIGTTIN.
-        with contextlib.suppress(OSError):
-            return os.tcgetpgrp(fd) == os.getpgrp()
-    return False
-
-
 async def _serve(args: argparse.Namespace) -> int:
     sim = OffGasSimulator(
         host=args.host,
@@ -659,40 +642,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"offgas simulator listening on {sim.host}:{sim.port} units={sim.unit_ids}", flush=True)
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-    reading = fd >= 0 and _stdin_commands_wanted(fd)
-    pending = b""
-
-    def on_stdin() -> None:
-        nonlocal pending, reading
-        # os.read on the raw fd: no Python buffer lock a reader thread could
-        # hold at interpreter exit, and it returns whatever one line/pipe chunk holds.
-        chunk = os.read(fd, 4096)
-        if not chunk:  # EOF: keep simulating, just stop listening for commands
-            loop.remove_reader(fd)
-            reading = False
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            _handle_command(sim, raw.decode(errors="replace"))
-
-    if reading:
-        loop.add_reader(fd, on_stdin)
-    try:
-        await stopping.wait()
-    finally:
-        if reading:
-            loop.remove_reader(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await sim.stop()
-    return 0
+    return await run_until_signal(lambda line: _handle_command(sim, line), sim.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,8 +44,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import stat
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from simulators.console import run_until_signal
 
 __all__ = [
     "FAULTS",
@@ -545,20 +545,6 @@ def _handle_command(inst: PtyInstrument, line: str) -> None:
         print(f"error: {exc}; {_HELP}", flush=True)
 
 
-def _stdin_commands_wanted(fd: int) -> bool:
-    """Read commands only from a pipe or a TTY we own (not /dev/null, not a file)."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        return False
-    if stat.S_ISFIFO(mode):
-        return True
-    if os.isatty(fd):
-        with contextlib.suppress(OSError):
-            return os.tcgetpgrp(fd) == os.getpgrp()
-    return False
-
-
 async def _serve(args: argparse.Namespace) -> int:
     inst: PtyInstrument
     common: dict[str, Any] = {
@@ -578,37 +564,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.instrument} on {inst.port} link {inst.link}", flush=True)
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-    reading = fd >= 0 and _stdin_commands_wanted(fd)
-    pending = b""
-
-    def on_stdin() -> None:
-        nonlocal pending, reading
-        chunk = os.read(fd, 4096)
-        if not chunk:  # EOF: keep simulating, stop listening for commands
-            loop.remove_reader(fd)
-            reading = False
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            _handle_command(inst, raw.decode(errors="replace"))
-
-    if reading:
-        loop.add_reader(fd, on_stdin)
-    try:
-        await stopping.wait()
-    finally:
-        if reading:
-            loop.remove_reader(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await inst.stop()
-    return 0
+    return await run_until_signal(lambda line: _handle_command(inst, line), inst.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,8 +26,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config import DeviceConfig, StrictModel, TagConfig
-from gateway.errors import ConfigError
+from gateway.config import DeviceConfig, StrictModel, TagConfig, resolve_secret
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -348,14 +347,7 @@ class OpcUaConnection(StrictModel):
 
     def secret_password(self) -> str | None:
         """The password, read from password_file when one is given."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"password_file: cannot read: {exc}") from exc
-        return None
+        return resolve_secret(self.password, self.password_file, "password_file")
 
 
 class OpcUaDevice(DeviceConfig, OpcUaConnection):
