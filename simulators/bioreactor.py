@@ -136,6 +136,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from simulators import console
 from simulators.bioreactor_model import SETPOINT_LIMITS, BioreactorModel, SetpointName
 from simulators.console import run_until_signal
 
@@ -1083,11 +1084,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGINT/SIGTERM; returns the process exit code."""
-    args = _parse_args(argv)
-    try:
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:  # SIGINT before the handler was installed
-        return 0
+    return console.run(_serve(_parse_args(argv)))
 
 
 if __name__ == "__main__":

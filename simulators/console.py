@@ -14,7 +14,8 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 CommandHandler = Callable[[str], Awaitable[None] | None]
 
@@ -81,3 +82,11 @@ async def run_until_signal(handle: CommandHandler, stop: Callable[[], Awaitable[
             loop.remove_signal_handler(sig)
         await stop()
     return 0
+
+
+def run(serve: Coroutine[Any, Any, int]) -> int:
+    """A simulator's ``main``: run ``serve`` and return its exit code."""
+    try:
+        return asyncio.run(serve)
+    except KeyboardInterrupt:  # SIGINT before the handler was installed
+        return 0

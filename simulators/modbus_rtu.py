@@ -60,6 +60,7 @@ from typing import Literal
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from simulators import console
 from simulators.console import run_until_signal
 
 # OffGasSimulator._units (its _Unit objects) is
@@ -413,11 +414,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGINT/SIGTERM; returns the process exit code."""
-    args = _parse_args(argv)
-    try:
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:  # SIGINT before the handler was installed
-        return 0
+    return console.run(_serve(_parse_args(argv)))
 
 
 if __name__ == "__main__":

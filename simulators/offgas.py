@@ -81,6 +81,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from simulators import console
 from simulators.console import run_until_signal
 from simulators.process_model import CultureModel
 
@@ -647,11 +648,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGINT/SIGTERM; returns the process exit code."""
-    args = _parse_args(argv)
-    try:
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:  # SIGINT before the handler was installed
-        return 0
+    return console.run(_serve(_parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from pathlib import Path
 from gateway.config import Config, load_config
 from gateway.daemon import Gateway
 
-# Every tag of the off-gas simulator's register map: each data type and byte order.
-OFFGAS_TAGS = """
+SMALL_TAGS = """
 [[devices.tags]]
 name = "O2"
 table = "input"
@@ -30,7 +29,12 @@ address = 2
 data_type = "float32"
 byte_order = "CDAB"
 unit = "%"
-[[devices.tags]]
+"""
+
+# Every tag of the off-gas simulator's register map: each data type and byte order.
+OFFGAS_TAGS = (
+    SMALL_TAGS
+    + """[[devices.tags]]
 name = "O2_badc"
 table = "input"
 address = 4
@@ -146,22 +150,7 @@ name = "analyser_fault"
 table = "discrete"
 address = 1
 """
-
-SMALL_TAGS = """
-[[devices.tags]]
-name = "O2"
-table = "input"
-address = 0
-data_type = "float32"
-unit = "%"
-[[devices.tags]]
-name = "CO2"
-table = "input"
-address = 2
-data_type = "float32"
-byte_order = "CDAB"
-unit = "%"
-"""
+)
 
 
 @dataclass
