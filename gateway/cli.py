@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, schema, browse, simulate, tail, verify."""
+"""The `gateway` command: run, check, status, schema, browse, simulate, tail, verify."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from gateway import __version__
 from gateway.config import BrokerSection, Config, json_schema, load_config, summary
 from gateway.errors import ConfigError, GatewayError
-from gateway.record import Record, decode_payload
+from gateway.record import Record
 from gateway.verify import Verifier, record_from_json, record_to_json
 
 # `gateway simulate NAME ...` -> module whose main(argv) runs that simulator.
@@ -24,6 +26,7 @@ SIMULATORS = {
     "serial": "simulators.serial_instruments",  # MT-SICS balance / streaming meter (pty)
     "modbus-rtu": "simulators.modbus_rtu",  # Modbus RTU bus with several units (pty)
     "bioreactor": "simulators.bioreactor",  # OPC UA stirred-tank bioreactor
+    "sampler": "simulators.sampler",  # SiLA 2 at-line sampler / cell analyser
 }
 
 
@@ -56,9 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", action="store_true", default=None, help="force JSON logs")
     run.set_defaults(func=_cmd_run)
 
+    rl = sub.add_parser(
+        "reload",
+        help="make the running gateway re-read its config (recorded in the audit trail)",
+    )
+    rl.add_argument("--config", "-c", type=Path, required=True, help="the running config file")
+    rl.add_argument("--reason", help="why (recorded in the $reload audit event)")
+    rl.add_argument("--user", help="who asks (default: $SUDO_USER or the login name)")
+    rl.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
+    rl.set_defaults(func=_cmd_reload)
+
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("--config", "-c", type=Path, required=True)
     check.set_defaults(func=_cmd_check)
+
+    st = sub.add_parser(
+        "status", help="ask a running gateway how it is (exit 0 ready, 1 not ready, 3 unreachable)"
+    )
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", type=Path, help="find the endpoint in [health]")
+    where.add_argument("--url", help="the health endpoint (default http://127.0.0.1:9108)")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    st.set_defaults(func=_cmd_status)
 
     schema = sub.add_parser("schema", help="print the config file's JSON Schema")
     schema.set_defaults(func=_cmd_schema)
@@ -80,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     br.set_defaults(func=_cmd_browse)
 
+    dc = sub.add_parser("discover", help="list servers found by mDNS (sila: SiLA 2 servers)")
+    dc.add_argument("protocol", choices=["sila"], help="which discovery")
+    dc.add_argument("--timeout", type=float, default=5.0, help="seconds to listen")
+    dc.add_argument("--insecure", action="store_true", help="list features over plain text")
+    dc.add_argument("--ca", type=Path, help="CA to trust when listing features (TLS)")
+    dc.add_argument("--json", action="store_true", help="print JSON")
+    dc.set_defaults(func=_cmd_discover)
+
     sim = sub.add_parser("simulate", help="run a device simulator")
     sim.add_argument("device", choices=sorted(SIMULATORS), help="which simulator")
     sim.add_argument(
@@ -99,28 +129,96 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--port", type=int, default=None)
         s.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
         s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+        s.add_argument(
+            "--public-key",
+            type=Path,
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="check checkpoint signatures with this key (repeat for several keys)",
+        )
         if name == "tail":
             s.add_argument("--format", choices=["json", "table"], default="json")
             s.set_defaults(func=_cmd_tail)
         else:
-            s.add_argument("--capture", type=Path, help="verify a file of `gateway tail` lines")
+            src = s.add_mutually_exclusive_group()
+            src.add_argument("--capture", type=Path, help="verify a file of `gateway tail` lines")
+            src.add_argument("--archive", type=Path, help="verify a `gateway archive` file")
             s.set_defaults(func=_cmd_verify)
+
+    kg = sub.add_parser("keygen", help="create the Ed25519 key pair that signs checkpoints")
+    kg.add_argument("--config", "-c", type=Path, help="key file and name from this config")
+    kg.add_argument("--out", type=Path, help="write checkpoint.key/.pub into this directory")
+    kg.add_argument("--name", help="key name (default: the gateway id)")
+    kg.add_argument("--force", action="store_true", help="replace an existing key")
+    kg.add_argument(
+        "--export-public",
+        type=Path,
+        metavar="FILE",
+        help="write the public key of the existing private key to FILE (no new key)",
+    )
+    kg.set_defaults(func=_cmd_keygen)
+
+    ar = sub.add_parser(
+        "archive", help="subscribe, verify and store records in SQLite; `archive export` to CSV"
+    )
+    ar.add_argument("action", nargs="?", choices=["export"], help="export: write --db as CSV")
+    ar.add_argument("--db", type=Path, required=True, help="the archive's SQLite file")
+    ar.add_argument("--csv", type=Path, help="export: the CSV file to write ('-': stdout)")
+    ar.add_argument("--config", "-c", type=Path, help="take the broker from this config")
+    ar.add_argument("--host", default=None)
+    ar.add_argument("--port", type=int, default=None)
+    ar.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
+    ar.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    ar.add_argument("--client-id", help="MQTT client id (default: derived from --db)")
+    ar.add_argument("--public-key", type=Path, action="append", default=[], metavar="FILE")
+    ar.set_defaults(func=_cmd_archive)
     return p
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.daemon import serve
+    from gateway.reload import block_sighup
 
+    # Before any thread exists, so that every thread inherits the mask and
+    # only the daemon's SIGHUP thread takes the signal (with its sender).
+    block_sighup()
     cfg = load_config(args.config)
     logs.configure(cfg.gateway.log_level, json=args.log_json)
     return asyncio.run(serve(cfg))
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+
+    from gateway.reload import request_reload
+
+    # Validated here first so the person sees the error at once; the daemon
+    # validates again (the file may change in between) and records the outcome.
+    cfg = load_config(args.config)
+    user = args.user or os.environ.get("SUDO_USER") or getpass.getuser()
+    ok, message = request_reload(
+        cfg.gateway.state_dir, reason=args.reason, user=user, timeout=args.timeout
+    )
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     print(summary(cfg))
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gateway.status import DEFAULT_URL, status, url_from_config
+
+    url = args.url or (url_from_config(args.config) if args.config else DEFAULT_URL)
+    code, text = status(url, args.timeout)
+    print(text, file=sys.stdout if code != 3 else sys.stderr)
+    return code
 
 
 def _cmd_schema(_args: argparse.Namespace) -> int:
@@ -132,6 +230,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     module = importlib.import_module(SIMULATORS[args.device])
     code: int = module.main(args.args)
     return code
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from drivers.sila2.discover import as_dicts, discover_command, render
+
+    servers = discover_command(args.timeout, insecure=args.insecure, ca=args.ca)
+    print(json.dumps(as_dicts(servers), indent=2) if args.json else render(servers), end="")
+    print(f"{len(servers)} SiLA server(s)", file=sys.stderr)
+    return 0
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
@@ -192,25 +299,24 @@ def _broker(args: argparse.Namespace) -> tuple[BrokerSection, str]:
         over["host"] = args.host
     if args.port is not None:
         over["port"] = args.port
-    broker = base.model_copy(update=over)
+    # Validated again: a --host that is not loopback gets TLS by default.
+    try:
+        broker = BrokerSection.model_validate(
+            {**{k: getattr(base, k) for k in base.model_fields_set}, **over}
+        )
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"--host/--port: {problems}") from None
     topic = args.topic or f"{broker.topic_prefix}/{cfg.gateway.id if cfg else '+'}/+"
     return broker, topic
 
 
-def _decode(topic: str, payload: bytes) -> list[Record]:
-    if topic.endswith("/$status"):
-        return []
-    try:
-        return decode_payload(payload)
-    except ValueError as exc:
-        print(f"warning: {topic}: {exc}", file=sys.stderr)
-        return []
-
-
 def _cmd_tail(args: argparse.Namespace) -> int:
+    from gateway.consumer import Consumer
     from gateway.subscribe import subscribe
 
     broker, topic = _broker(args)
+    consumer = Consumer(_keys(args))
     table = args.format == "table"
     if table:
         print(
@@ -219,12 +325,24 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    def show(t: str, payload: bytes) -> None:
-        for r in _decode(t, payload):
+    def show(records: list[Record]) -> None:
+        for r in records:
             print(_table_row(r) if table else record_to_json(r), flush=True)
 
-    asyncio.run(subscribe(broker, topic, show, seconds=args.seconds))
+    asyncio.run(
+        subscribe(broker, topic, lambda t, p: show(consumer.feed(t, p)), seconds=args.seconds)
+    )
+    show(consumer.flush())
+    report = consumer.report()
+    if not report.ok:
+        print(report.summary(), file=sys.stderr)
     return 0
+
+
+def _keys(args: argparse.Namespace) -> list[Any]:
+    from gateway.signing import load_public
+
+    return load_public(args.public_key) if args.public_key else []
 
 
 def _table_row(r: Record) -> str:
@@ -242,7 +360,7 @@ def _table_row(r: Record) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    v = Verifier()
+    v = Verifier(_keys(args))
     if args.capture is not None:
         try:
             lines = args.capture.read_text().splitlines()
@@ -255,21 +373,94 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 v.add(record_from_json(line), f"{args.capture}:{n}")
             except ValueError as exc:
                 v.malformed.append(f"{args.capture}:{n}: {exc}")
+    elif args.archive is not None:
+        from gateway.archive import read_records
+
+        for r in read_records(args.archive):
+            v.add(r, f"{args.archive}")
     else:
         from gateway.subscribe import subscribe
 
         if args.seconds is None:
-            raise GatewayError("verify from a broker needs --seconds (or use --capture FILE)")
+            raise GatewayError("verify from a broker needs --seconds (or --capture/--archive)")
         broker, topic = _broker(args)
-        asyncio.run(subscribe(broker, topic, lambda t, p: _feed(v, t, p), seconds=args.seconds))
+
+        def feed(t: str, payload: bytes) -> None:
+            v.consumer.feed(t, payload)  # held until report(): nothing is released before
+
+        asyncio.run(subscribe(broker, topic, feed, seconds=args.seconds))
     report = v.report()
     print(report.summary())
     return 0 if report.ok and report.streams else 1
 
 
-def _feed(v: Verifier, topic: str, payload: bytes) -> None:
-    if not topic.endswith("/$status"):
-        v.add_payload(payload, topic)
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from gateway.signing import SignerKey, load_private, write_private, write_public
+
+    if args.config is not None:
+        cfg = load_config(args.config)
+        key_path, name = cfg.key_path, args.name or cfg.gateway.id
+    elif args.out is not None:
+        if not args.name and args.export_public is None:
+            raise ConfigError("keygen --out DIR needs --name (the gateway id)")
+        key_path, name = args.out / "checkpoint.key", args.name
+    else:
+        raise ConfigError("keygen needs --config CONFIG or --out DIR")
+    pub_path = key_path.with_suffix(".pub")
+    if args.export_public is not None:
+        key = load_private(key_path).verifier
+        write_public(args.export_public, key)
+        print(
+            f"public key {key.vkey}\nfingerprint {key.fingerprint}\nwritten to {args.export_public}"
+        )
+        return 0
+    signer = SignerKey.generate(name)
+    write_private(key_path, signer, force=args.force)
+    write_public(pub_path, signer.verifier)
+    print(
+        f"private key {key_path} (mode 0600: keep it secret, back it up)\n"
+        f"public key  {pub_path}\n"
+        f"            {signer.verifier.vkey}\n"
+        f"fingerprint {signer.verifier.fingerprint}\n"
+        "Give the public key file to whoever verifies (gateway verify --public-key FILE) and "
+        "set [checkpoints] enabled = true."
+    )
+    return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    import signal
+
+    from gateway.archive import export_csv, run_archive
+
+    if args.action == "export":
+        if args.csv is None:
+            raise ConfigError("archive export needs --csv FILE (or --csv - for stdout)")
+        if str(args.csv) == "-":
+            n = export_csv(args.db, sys.stdout)
+        else:
+            with args.csv.open("w", newline="", encoding="utf-8") as f:
+                n = export_csv(args.db, f)
+        print(f"{n} records exported from {args.db}", file=sys.stderr)
+        return 0
+    broker, topic = _broker(args)
+    keys = _keys(args)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        report, archive = await run_archive(
+            broker, topic, args.db, keys, seconds=args.seconds, stop=stop, client_id=args.client_id
+        )
+        print(report.summary())
+        print(f"{archive.stored} records stored in {args.db}")
+        for gw, dev, seq in archive.conflicts:
+            print(f"CONFLICT {gw}/{dev} seq {seq}: differs from the archived record")
+        return 0 if report.ok and not archive.conflicts else 1
+
+    return asyncio.run(main())
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import structlog
 from gateway.config import BrokerSection
 from gateway.errors import ConfigError
 from gateway.mqtt import AsyncMqtt, MqttError
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, StoredMessage
 from gateway.record import CONTENT_TYPE
 from gateway.supervisor import backoff_delay
 
+HEARTBEAT = 5.0  # s: longest idle wait in the pump, so an idle publisher still beats
 ONLINE = b"online"
 OFFLINE = b"offline"
 
@@ -41,6 +42,11 @@ class Publisher:
         self.acked = 0
         self.reconnects = 0
         self.last_error: str | None = None
+        # The checkpoint public key (JSON), retained on $status/key when set.
+        self.key_status: bytes | None = None
+        # Liveness for the systemd watchdog (gateway/health.py): monotonic time
+        # of the loop's last progress, set ahead while sleeping before a reconnect.
+        self.heartbeat = time.monotonic()
         self._topics: dict[str, str] = {}
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._wake = asyncio.Event()
@@ -61,6 +67,7 @@ class Publisher:
         """Connect, publish, and reconnect with backoff until cancelled."""
         attempt = 0
         while not self._stopping:
+            self.heartbeat = time.monotonic()
             mqtt: AsyncMqtt | None = None
             try:
                 mqtt = AsyncMqtt(
@@ -71,8 +78,9 @@ class Publisher:
                 )
                 mqtt.on_publish = self._on_publish
                 self._mqtt = mqtt
+                await self._prepare(mqtt)
                 await mqtt.connect()
-                mqtt.publish(self.status_topic, ONLINE, retain=True)
+                await self._session_start(mqtt)
                 self.connected = True
                 if attempt or self.reconnects:
                     self.log.info("broker connected", host=self.broker.host, port=self.broker.port)
@@ -104,6 +112,7 @@ class Publisher:
                 rng=self._rng,
             )
             attempt += 1
+            self.heartbeat = time.monotonic() + delay
             await asyncio.sleep(delay)
 
     async def _pump(self, mqtt: AsyncMqtt) -> None:
@@ -115,15 +124,14 @@ class Publisher:
         lost = asyncio.ensure_future(mqtt.disconnected.wait())
         try:
             while not mqtt.disconnected.is_set():
+                self.heartbeat = time.monotonic()
                 room = self.window - len(self._inflight)
                 if room > 0:
                     self._wake.clear()
                     batch = await self.outbox.read_after(cursor, max(room, 64))
                     for m in batch[:room]:
                         cursor = m.id
-                        mid = mqtt.publish(
-                            self.topic(m.stream), m.payload, content_type=CONTENT_TYPE
-                        )
+                        mid = self._publish_row(mqtt, m)
                         self._inflight[mid] = m.id
                         self.published += 1
                     if len(batch) >= room > 0 and batch:
@@ -131,10 +139,30 @@ class Publisher:
                 if mqtt.disconnected.is_set():
                     break
                 waiter = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {waiter, lost}, timeout=HEARTBEAT, return_when=asyncio.FIRST_COMPLETED
+                )
                 waiter.cancel()
         finally:
             lost.cancel()
+
+    # Hooks for another wire format (gateway/sparkplug/publisher.py overrides them).
+    async def _prepare(self, mqtt: AsyncMqtt) -> None:
+        """Before CONNECT (e.g. to set another Will)."""
+
+    async def _session_start(self, mqtt: AsyncMqtt) -> None:
+        """Right after CONNACK, before the backlog is published."""
+        mqtt.publish(self.status_topic, ONLINE, retain=True)
+        if self.key_status is not None:
+            mqtt.publish(f"{self.status_topic}/key", self.key_status, retain=True)
+
+    def _publish_row(self, mqtt: AsyncMqtt, m: StoredMessage) -> int:
+        """Publish one outbox row at QoS 1; the returned mid's PUBACK deletes the row."""
+        return mqtt.publish(self.topic(m.stream), m.payload, content_type=CONTENT_TYPE)
+
+    def _session_end(self, mqtt: AsyncMqtt) -> None:
+        """On a clean stop, before DISCONNECT (which does not fire the Will)."""
+        mqtt.publish(self.status_topic, OFFLINE, retain=True)
 
     def _on_publish(self, mid: int, ok: bool, reason: str) -> None:
         row = self._inflight.pop(mid, None)
@@ -170,7 +198,7 @@ class Publisher:
         mqtt = self._mqtt
         if mqtt is not None and self.connected:
             try:
-                mqtt.publish(self.status_topic, OFFLINE, retain=True)
+                self._session_end(mqtt)
                 await asyncio.sleep(0.05)
                 mqtt.disconnect()
             except MqttError:

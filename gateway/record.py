@@ -9,6 +9,7 @@ UTF-8 bytes; the hash is SHA-256 over the canonical encoding of every field but
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ EV_ONLINE: Final = "$online"  # device connected / answering again
 EV_OFFLINE: Final = "$offline"  # device lost; val says why
 EV_GAP: Final = "$gap"  # records lost or never recorded; info says which
 EV_STOP: Final = "$stop"  # gateway stopped acquiring this stream (clean shutdown)
+EV_CHECKPOINT: Final = "$checkpoint"  # signed stream head (docs/integrity.md)
 
 REQUIRED_FIELDS: Final = ("v", "gw", "dev", "tag", "val", "unit", "q", "ts", "seq", "prev", "hash")
 OPTIONAL_FIELDS: Final = ("status", "src_ts", "info")
@@ -40,31 +42,63 @@ def _sort_key(key: str) -> bytes:
     return key.encode()
 
 
-# Key order per key layout: hot-path records share a handful of layouts, so the
-# sort happens once per layout, not per record. (UTF-8 byte order equals code
-# point order, but the explicit key keeps the rule visible.)
+# Per key layout (the tuple of a record's keys in insertion order): whether the
+# dict is already in canonical key order. The normalizer builds readings in that
+# order, so sealing packs them as they are; anything else takes the generic path.
+_CANONICAL_LAYOUT: dict[tuple[str, ...], bool] = {}
+
+
+def _is_canonical_layout(layout: tuple[str, ...]) -> bool:
+    ok = _CANONICAL_LAYOUT.get(layout)
+    if ok is None:
+        ok = "hash" not in layout and list(layout) == sorted(layout, key=_sort_key)
+        if len(_CANONICAL_LAYOUT) < 1024:
+            _CANONICAL_LAYOUT[layout] = ok
+    return ok
+
+
+def canonical_bytes(fields: Mapping[str, Any]) -> bytes:
+    """Canonical msgpack encoding of ``fields`` (every top-level key except ``hash``)."""
+    return _packer().pack(_canonical_record(fields))  # type: ignore[no-any-return]
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # A Packer per thread: msgpack.packb builds one per call, which costs as
+    # much as the packing itself, and a Packer must not be shared by threads.
+    p: msgpack.Packer | None = getattr(_local, "packer", None)
+    if p is None:
+        p = _local.packer = msgpack.Packer(use_bin_type=True)
+    return p
+
+
+def _canonical_record(fields: Mapping[str, Any]) -> dict[str, Any]:
+    # Only the record's own ``hash`` field is left out; a nested key that
+    # happens to be called "hash" (inside info) is content and is hashed.
+    out: dict[str, Any] = {}
+    for k in _order(fields):
+        v = fields[k]
+        out[k] = v if type(v) in _SCALARS else _canonical(v)
+    return out
+
+
+# Values that encode the same whatever their context: no key order to fix.
+_SCALARS: Final = frozenset({str, int, float, bool, bytes, type(None)})
+# Sorted keys (without ``hash``) per key layout: records share a handful of
+# layouts, so verifying a stream sorts once per layout, not once per record.
 _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
-def _order(record: Mapping[str, Any]) -> tuple[str, ...]:
-    layout = tuple(record)
+def _order(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    layout = tuple(fields)
     order = _ORDER.get(layout)
     if order is None:
         order = tuple(sorted((k for k in layout if k != "hash"), key=_sort_key))
         if len(_ORDER) < 1024:
             _ORDER[layout] = order
     return order
-
-
-def canonical_bytes(fields: Mapping[str, Any]) -> bytes:
-    """Canonical msgpack encoding of ``fields`` (every top-level key except ``hash``)."""
-    return msgpack.packb(_canonical_record(fields), use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _canonical_record(fields: Mapping[str, Any]) -> dict[str, Any]:
-    # Only the record's own ``hash`` field is left out; a nested key that
-    # happens to be called "hash" (inside info) is content and is hashed.
-    return {k: _canonical(fields[k]) for k in sorted(fields, key=_sort_key) if k != "hash"}
 
 
 def _canonical(value: Any) -> Any:
@@ -89,6 +123,9 @@ class Chain:
 
     def __init__(self, heads: Mapping[str, tuple[int, bytes]] | None = None) -> None:
         self._heads: dict[str, tuple[int, bytes]] = dict(heads or {})
+        # One packer per chain: msgpack.packb builds a Packer per call, which
+        # costs as much as the packing itself. (Used from one thread only.)
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def head(self, stream: str) -> tuple[int, bytes]:
         """(last seq, last hash) of ``stream``; (0, zero hash) before its first record."""
@@ -96,20 +133,53 @@ class Chain:
 
     def seal(self, stream: str, record: Record) -> Record:
         """Give ``record`` the next seq of ``stream``, link it and hash it (in place)."""
-        seq, prev = self._heads.get(stream, (0, ZERO_HASH))
-        seq += 1
-        record["seq"] = seq
-        record["prev"] = prev
-        # Readings are flat: their canonical map is built from a cached key
-        # order. Events carry a nested info map and take the generic path.
-        if "info" in record:
-            canonical = _canonical_record(record)
-        else:
-            canonical = {k: record[k] for k in _order(record)}
-        digest = hashlib.sha256(msgpack.packb(canonical, use_bin_type=True)).digest()
-        record["hash"] = digest
-        self._heads[stream] = (seq, digest)
+        self.seal_payload(stream, [record])
         return record
+
+    def seal_payload(self, stream: str, records: list[Record]) -> bytes:
+        """Seal ``records`` in order (seq, prev, hash, in place); return their payload.
+
+        The payload is the msgpack array of the sealed records. Each record is
+        packed once: its canonical bytes are hashed, and the same bytes, with
+        the ``hash`` entry spliced in front, become its element of the array.
+        """
+        seq, prev = self._heads.get(stream, (0, ZERO_HASH))
+        pack, sha256 = self._packer.pack, hashlib.sha256
+        n = len(records)
+        parts: list[bytes] = [_array_header(n)]
+        append = parts.append
+        for r in records:
+            seq += 1
+            r["seq"] = seq
+            r["prev"] = prev
+            if "info" not in r and _is_canonical_layout(tuple(r)):
+                body: bytes = pack(r)
+            else:
+                body = pack(_canonical_record(r))
+            prev = sha256(body).digest()
+            r["hash"] = prev
+            size = body[0] - 0x80  # a fixmap: at most 15 entries
+            if 0 <= size < 15:
+                append(_WITH_HASH[size])
+                append(prev)
+                append(body[1:])
+            else:  # never for a record of the documented fields; kept correct anyway
+                append(pack(r))
+        self._heads[stream] = (seq, prev)
+        return b"".join(parts)
+
+
+# Map header for (n + 1) entries followed by the key "hash" and a 32-byte bin
+# header: the prefix of a record's payload element whose canonical body has n.
+_WITH_HASH: Final = tuple(bytes((0x81 + n,)) + b"\xa4hash\xc4\x20" for n in range(15))
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 + n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def encode_payload(records: list[Record]) -> bytes:

@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "modbus": "drivers.modbus:ModbusDriver",
     "serial": "drivers.serial:SerialDriver",
     "opcua": "drivers.opcua:OpcUaDriver",
+    "sila2": "drivers.sila2:Sila2Driver",
 }
 
 _loaded: dict[str, type[Driver[Any]]] = {}

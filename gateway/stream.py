@@ -35,6 +35,7 @@ class DeviceStream:
         }
         self.tag_names = [t.name for t in device.tags]
         self._last: dict[str, tuple[Any, str]] = {}
+        self.cycles = 0  # emit() calls: acquisition cycles, failed attempts included
         self.readings = 0
         self.records = 0
         self.errors = 0
@@ -63,20 +64,33 @@ class DeviceStream:
                     # A bad or uncertain reading breaks continuity: the next good
                     # value is reported whatever its distance to the last one.
                     last.pop(r.tag, None)
-            rec: Record = {
-                "v": FORMAT_VERSION,
-                "gw": gw,
-                "dev": dev,
-                "tag": r.tag,
-                "val": val,
-                "unit": unit or r.unit or "",
-                "q": q,
-                "ts": ts,
-            }
-            if r.status is not None:
-                rec["status"] = r.status
-            if r.src_ts is not None:
-                rec["src_ts"] = r.src_ts
+            # Keys in canonical order (seq and prev are placeholders that
+            # sealing fills in place), so the chain packs the dict as it is.
+            status, src_ts = r.status, r.src_ts
+            if status is None and src_ts is None:
+                rec: Record = {
+                    "dev": dev,
+                    "gw": gw,
+                    "prev": b"",
+                    "q": q,
+                    "seq": 0,
+                    "tag": r.tag,
+                    "ts": ts,
+                    "unit": unit or r.unit or "",
+                    "v": FORMAT_VERSION,
+                    "val": val,
+                }
+            else:
+                rec = {"dev": dev, "gw": gw, "prev": b"", "q": q, "seq": 0}
+                if src_ts is not None:
+                    rec["src_ts"] = src_ts
+                if status is not None:
+                    rec["status"] = status
+                rec["tag"] = r.tag
+                rec["ts"] = ts
+                rec["unit"] = unit or r.unit or ""
+                rec["v"] = FORMAT_VERSION
+                rec["val"] = val
             if q != GOOD:
                 self.errors += 1
             out.append(rec)
@@ -86,6 +100,7 @@ class DeviceStream:
     async def emit(self, readings: list[Reading]) -> None:
         """Normalize one acquisition cycle and queue it for commit."""
         ts = time.time_ns()
+        self.cycles += 1
         records = self.normalize(readings, ts)
         if records:
             await self.outbox.submit(self.dev, records)

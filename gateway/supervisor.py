@@ -52,6 +52,7 @@ class DeviceSupervisor:
         self.online = False
         self.failures = 0
         self.last_error: str | None = None
+        self.stop_reason = "shutdown"  # the daemon sets "config reload" before cancelling
         self.log = structlog.get_logger("gateway.supervisor").bind(device=device.id)
         self._rng = random.Random()
 
@@ -115,7 +116,8 @@ class DeviceSupervisor:
     async def _stopped(self) -> None:
         # Shielded: the stop event must reach the outbox even though we are cancelled.
         try:
-            await asyncio.shield(self.stream.event(EV_STOP, "acquisition stopped (shutdown)"))
+            why = f"acquisition stopped ({self.stop_reason})"
+            await asyncio.shield(self.stream.event(EV_STOP, why))
         except Exception:
             self.log.exception("could not record the stop event")
 

@@ -245,6 +245,7 @@ def test_env_value_that_is_not_a_port(tmp_path: Path) -> None:
 def test_password_file_is_read_and_never_shown(tmp_path: Path) -> None:
     secret_file = tmp_path / "mqtt-password"
     secret_file.write_text(SECRET + "\n", encoding="utf-8")
+    secret_file.chmod(0o600)
     path = _valid(tmp_path, f'password_file = "{secret_file}"')
     cfg = load_config(path, env={})
     assert cfg.broker.password_file == secret_file

@@ -202,7 +202,10 @@ async def test_readings_arrive_with_value_and_unit_and_verify(
     assert events[:2] == ["$start", "$online"] and events[-1] == "$stop"
     report = col.verifier.report()
     assert report.ok, report.summary()
-    assert [(s.gw, s.dev, s.first_seq) for s in report.streams] == [("gw-thermo", DEV, 1)]
+    assert [(s.gw, s.dev, s.first_seq) for s in report.streams] == [
+        ("gw-thermo", "$gateway", 1),  # the gateway's audit stream
+        ("gw-thermo", DEV, 1),
+    ]
 
 
 async def test_garbage_answer_is_a_bad_reading_naming_the_parse_error(

@@ -63,7 +63,11 @@ async def test_values_types_and_byte_orders_arrive_verified(
 
     report = col.verifier.report()
     assert report.ok, report.summary()
-    assert {(s.dev, s.first_seq) for s in report.streams} == {("offgas-1", 1), ("offgas-2", 1)}
+    assert {(s.dev, s.first_seq) for s in report.streams} == {
+        ("offgas-1", 1),
+        ("offgas-2", 1),
+        ("$gateway", 1),  # the gateway's audit stream: $start, $stop
+    }
     assert all(s.duplicates == 0 and not s.explained for s in report.streams)
 
     for dev, unit in (("offgas-1", 1), ("offgas-2", 2)):

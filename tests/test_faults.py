@@ -97,7 +97,9 @@ async def test_sigkill_loses_no_committed_record_and_chains_continue(
 
         proc = spawn(config, tmp_path / "gw2.log")
         await col.wait_for(
-            lambda: all(any(r["seq"] > committed[d] + 10 for r in col.of(d)) for d in committed),
+            lambda: all(
+                any(r["seq"] > committed[d] + 10 for r in col.of(d)) for d in ("offgas", "offgas-b")
+            ),
             timeout=20,
             what="the second run",
         )
@@ -206,7 +208,7 @@ async def test_quota_reached_while_broker_down_leaves_an_explained_gap(
 
     report = col.verifier.report()
     assert report.ok, report.summary()
-    stream = report.streams[0]
+    stream = next(s for s in report.streams if s.dev == "offgas")
     gap = col.of("offgas", "$gap")[0]
     assert gap["q"] == "bad" and "quota" in gap["val"] and policy in gap["info"]["reason"]
     assert gap["info"]["count"] > 0 and gap["info"]["from_ts"] <= gap["info"]["to_ts"]

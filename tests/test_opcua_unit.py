@@ -394,6 +394,7 @@ def test_password_never_in_error_messages() -> None:
 def test_password_file(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("hunter2\n")
+    secret.chmod(0o600)
     dev = device(username="op", password_file=str(secret), trust_on_first_use=True)
     assert dev.secret_password() == "hunter2"
     dev = device(username="op", password_file=str(tmp_path / "nope"), trust_on_first_use=True)

@@ -401,6 +401,21 @@ async def test_drop_oldest_never_drops_rows_in_flight(tmp_path: Path) -> None:
             assert box.bytes <= 20_000
 
 
+async def test_drop_oldest_keeps_the_gateway_audit_stream(tmp_path: Path) -> None:
+    # The $gateway stream holds the configuration audit trail (start, reload):
+    # quota pressure from device data must never delete it.
+    async with await open_box(tmp_path / "outbox.db", max_bytes=20_000) as box:
+        for i in range(160):
+            stream = "$gateway" if i % 10 == 0 else "a"
+            assert await box.submit(stream, [reading(stream, i)])
+        await settle(box, ["a"])
+        got = await rows(box)
+        assert box.dropped_records > 0
+        assert missing_seqs(box, got, "a"), "device rows were dropped"
+        assert missing_seqs(box, got, "$gateway") == []
+        assert len(records_of(got, "$gateway")) == 16
+
+
 async def test_gap_records_survive_later_drops_and_explain_every_missing_seq(
     tmp_path: Path,
 ) -> None:

@@ -58,6 +58,7 @@ from drivers.opcua.units import ucum_from_eu
 from gateway.driver import Emit, PolledDriver, Reading, Value
 from gateway.errors import ConfigError, DriverError
 from gateway.record import BAD, GOOD, UNCERTAIN
+from gateway.secrets import check_private_file
 
 STATE_DIR_ENV: Final = "GATEWAY_STATE_DIR"
 MAX_EMIT: Final = 5000  # readings per emit (one MQTT payload)
@@ -219,6 +220,7 @@ def cert_dir_for(conn: OpcUaConnection, state_dir: Path | None) -> Path | None:
 def _load_user_token(conn: OpcUaConnection) -> tuple[x509.Certificate, Any]:
     assert conn.user_cert is not None and conn.user_key is not None
     cert_data = conn.user_cert.read_bytes()
+    check_private_file(conn.user_key, "user_key")
     key_data = conn.user_key.read_bytes()
     if b"-----BEGIN" in cert_data:
         cert = x509.load_pem_x509_certificate(cert_data)

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.secrets import check_private_file
+
 CERT_FILE = "client_cert.der"
 KEY_FILE = "client_key.pem"
 PIN_DIR = "servers"
@@ -107,6 +109,7 @@ def ensure_client_identity(directory: Path) -> ClientIdentity:
                 )
             _generate(directory, cert_path, key_path)
             created = True
+        check_private_file(key_path, "OPC UA client key")
         der = cert_path.read_bytes()
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         cert = x509.load_der_x509_certificate(der)

@@ -30,7 +30,7 @@ class Collector:
         self._task: asyncio.Task[None] | None = None
 
     def _on(self, topic: str, payload: bytes) -> None:
-        if topic.endswith("/$status"):
+        if "/$status" in topic:  # $status and $status/key: not record payloads
             self.status[topic] = payload
             return
         self.payloads += 1

@@ -177,6 +177,8 @@ class GatewaySpec:
             "shutdown_timeout = 5.0\n",
             f"[broker]\nport = {self.broker_port}\nreconnect_min = 0.1\nreconnect_max = 0.5\n",
             f"[outbox]\n{self.outbox}\n",
+            # Port 0: tests run side by side; the bound port is Gateway.health_port.
+            "[health]\nport = 0\n",
         ]
         for d in self.devices:
             out.append(

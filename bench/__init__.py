@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m bench [workloads...]` (see bench/README.md)."""
