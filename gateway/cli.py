@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, status, schema, browse, simulate, tail, verify."""
+"""The `gateway` command: run and reload the gateway, check its config, read its records."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway")
-    run.add_argument("--config", "-c", type=Path, required=True)
+    run.add_argument("--config", "-c", type=Path, required=True, help="the config file")
     run.add_argument("--log-json", action="store_true", default=None, help="force JSON logs")
     run.set_defaults(func=_cmd_run)
 
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_cmd_reload)
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
-    check.add_argument("--config", "-c", type=Path, required=True)
+    check.add_argument("--config", "-c", type=Path, required=True, help="the config file")
     check.set_defaults(func=_cmd_check)
 
     st = sub.add_parser(
@@ -147,8 +147,11 @@ def _parser() -> argparse.ArgumentParser:
             s.set_defaults(func=_cmd_verify)
 
     kg = sub.add_parser("keygen", help="create the Ed25519 key pair that signs checkpoints")
-    kg.add_argument("--config", "-c", type=Path, help="key file and name from this config")
-    kg.add_argument("--out", type=Path, help="write checkpoint.key/.pub into this directory")
+    kg_where = kg.add_mutually_exclusive_group()
+    kg_where.add_argument("--config", "-c", type=Path, help="key file and name from this config")
+    kg_where.add_argument(
+        "--out", type=Path, metavar="DIR", help="write checkpoint.key/.pub into this directory"
+    )
     kg.add_argument("--name", help="key name (default: the gateway id)")
     kg.add_argument("--force", action="store_true", help="replace an existing key")
     kg.add_argument(
@@ -160,7 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     kg.set_defaults(func=_cmd_keygen)
 
     ar = sub.add_parser(
-        "archive", help="subscribe, verify and store records in SQLite; `archive export` to CSV"
+        "archive",
+        help="subscribe, verify and store records in SQLite; `archive export` to CSV",
+        epilog="gateway archive -c CONFIG --db DB: archive until SIGTERM/Ctrl-C (or --seconds). "
+        "gateway archive export --db DB --csv FILE: write the archive as CSV.",
     )
     ar.add_argument("action", nargs="?", choices=["export"], help="export: write --db as CSV")
     ar.add_argument("--db", type=Path, required=True, help="the archive's SQLite file")
@@ -171,7 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     ar.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
     ar.add_argument("--seconds", type=float, default=None, help="stop after this long")
     ar.add_argument("--client-id", help="MQTT client id (default: derived from --db)")
-    ar.add_argument("--public-key", type=Path, action="append", default=[], metavar="FILE")
+    ar.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="check checkpoint signatures with this key (repeat for several keys)",
+    )
     ar.set_defaults(func=_cmd_archive)
     return p
 
@@ -365,7 +378,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         try:
             lines = args.capture.read_text().splitlines()
         except OSError as exc:
-            raise GatewayError(f"{args.capture}: cannot read: {exc}") from exc
+            raise ConfigError(f"{args.capture}: cannot read: {exc.strerror or exc}") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -376,13 +389,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     elif args.archive is not None:
         from gateway.archive import read_records
 
+        _need_archive(args.archive)
         for r in read_records(args.archive):
             v.add(r, f"{args.archive}")
     else:
         from gateway.subscribe import subscribe
 
         if args.seconds is None:
-            raise GatewayError("verify from a broker needs --seconds (or --capture/--archive)")
+            raise ConfigError("verify from a broker needs --seconds (or --capture/--archive)")
         broker, topic = _broker(args)
 
         def feed(t: str, payload: bytes) -> None:
@@ -392,6 +406,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     report = v.report()
     print(report.summary())
     return 0 if report.ok and report.streams else 1
+
+
+def _need_archive(db: Path) -> None:
+    if not db.is_file():
+        raise ConfigError(f"{db}: no such archive (`gateway archive --db {db}` writes one)")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -408,7 +427,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         raise ConfigError("keygen needs --config CONFIG or --out DIR")
     pub_path = key_path.with_suffix(".pub")
     if args.export_public is not None:
-        key = load_private(key_path).verifier
+        key = load_private(key_path, "checkpoints.key_file" if args.config else "--out").verifier
         write_public(args.export_public, key)
         print(
             f"public key {key.vkey}\nfingerprint {key.fingerprint}\nwritten to {args.export_public}"
@@ -436,6 +455,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     if args.action == "export":
         if args.csv is None:
             raise ConfigError("archive export needs --csv FILE (or --csv - for stdout)")
+        _need_archive(args.db)  # before the CSV file is created
         if str(args.csv) == "-":
             n = export_csv(args.db, sys.stdout)
         else:
@@ -443,6 +463,8 @@ def _cmd_archive(args: argparse.Namespace) -> int:
                 n = export_csv(args.db, f)
         print(f"{n} records exported from {args.db}", file=sys.stderr)
         return 0
+    if args.csv is not None:
+        raise ConfigError("--csv goes with `gateway archive export` (nothing was archived)")
     broker, topic = _broker(args)
     keys = _keys(args)
 

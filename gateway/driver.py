@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class Driver(ABC, Generic[C]):
         """Release the connection; must not raise."""
 
 
+POLL_PHASES = 8
+
+
 class PolledDriver(Driver[C]):
     """A driver that reads all its tags every ``poll_interval`` seconds."""
 
@@ -86,7 +90,14 @@ class PolledDriver(Driver[C]):
         interval = self.config.poll_interval
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        next_at = loop.time()
+        # After the first poll (at once), each device polls in one of
+        # POLL_PHASES phases of its interval, picked from its id. Devices
+        # started together then neither poll in one instant (one big burst per
+        # interval: latency) nor each at its own moment (a commit, a publish
+        # and a wake-up per device: CPU), but in a few bounded groups that
+        # share their transaction and their trip to the broker.
+        phase = zlib.crc32(self.config.id.encode()) % POLL_PHASES / POLL_PHASES * interval
+        next_at: float | None = None
         while True:
             readings = await self.poll()
             # Python 3.11's wait_for (used inside protocol libraries) can swallow
@@ -95,8 +106,11 @@ class PolledDriver(Driver[C]):
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             await emit(readings)
-            next_at += interval
             now = loop.time()
+            if next_at is None:  # first poll done: the next slot of this device's phase
+                next_at = now - (now - phase) % interval + interval
+            else:
+                next_at += interval
             if next_at < now:
                 # A poll took longer than the interval: skip the missed slots
                 # rather than bursting to catch up (drift-free schedule).

@@ -43,7 +43,7 @@ Durability = Literal["full", "normal"]
 T = TypeVar("T")
 
 ACK_DELAY = 0.2  # seconds an acknowledged row may wait for its delete
-FRESH_MAX_BYTES = 16 << 20  # committed payloads kept in memory for the publisher
+FRESH_MAX_BYTES = 4 << 20  # committed payloads kept in memory for the publisher
 ROW_OVERHEAD = 64  # bytes counted per row on top of the payload (ids, seqs, index)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -298,12 +298,14 @@ class Outbox:
     def full(self) -> bool:
         return self.bytes >= self.max_bytes
 
-    async def submit(self, stream: str, records: list[Record]) -> bool:
+    async def submit(self, stream: str, records: list[Record], *, canonical: bool = False) -> bool:
         """Seal ``records`` into ``stream`` and queue them for commit.
 
         Waits while too many messages await commit (back-pressure on the
         drivers). Returns False when the ``drop_newest`` policy refused them;
-        the refusal is kept as a pending gap, never silent.
+        the refusal is kept as a pending gap, never silent. ``canonical``: the
+        caller built every record flat and in canonical key order (see
+        ``Chain.seal_payload``).
         """
         if not records:
             return True
@@ -315,13 +317,19 @@ class Outbox:
         if self.policy == "drop_newest" and self.full:
             self._refuse(stream, records)
             return False
-        self._queue(stream, records, gaps=None)
+        self._queue(stream, records, gaps=None, canonical=canonical)
         return True
 
     def _queue(
-        self, stream: str, records: list[Record], *, gaps: bytes | None, resolves: bool = False
+        self,
+        stream: str,
+        records: list[Record],
+        *,
+        gaps: bytes | None,
+        resolves: bool = False,
+        canonical: bool = False,
     ) -> None:
-        payload = self.chain.seal_payload(stream, records)
+        payload = self.chain.seal_payload(stream, records, canonical=canonical)
         first, last = records[0], records[-1]
         if not self._pending:
             self._first_pending_at = time.monotonic()

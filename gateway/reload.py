@@ -153,7 +153,10 @@ class HupListener:
     def _run(self) -> None:
         while not self._done.is_set():
             info = signal.sigtimedwait({signal.SIGHUP}, 0.5)
-            if info is not None and not self._done.is_set():
+            # CPython returns an empty siginfo (si_signo 0) instead of None when
+            # the wait is interrupted (EINTR) past its deadline, which happens
+            # under ptrace: py-spy sampling the process caused "reloads".
+            if info is not None and info.si_signo == signal.SIGHUP and not self._done.is_set():
                 with contextlib.suppress(RuntimeError):  # loop closed meanwhile
                     self._loop.call_soon_threadsafe(self._callback, info.si_uid, info.si_pid)
 
@@ -279,6 +282,11 @@ def running_pid(state_dir: Path) -> int:
     path = state_dir / PID_FILE
     try:
         pid = int(path.read_text().strip())
+    except FileNotFoundError:
+        raise GatewayError(
+            f"{path}: no running gateway found (no pid file: is `gateway run` running with "
+            "this config's state_dir?)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise GatewayError(f"{path}: no running gateway found ({exc})") from None
     try:

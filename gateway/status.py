@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from gateway.config import HealthSection
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError
 
 EXIT_READY, EXIT_NOT_READY, EXIT_UNREACHABLE = 0, 1, 3
 
@@ -48,9 +48,9 @@ def url_from_config(path: Path) -> str:
     """Where the gateway run with this config answers (a wildcard bind is asked on loopback)."""
     h = health_section(path)
     if not h.enabled:
-        raise GatewayError(f"{path}: [health] enabled = false: nothing to ask")
+        raise ConfigError(f"{path}: [health] enabled = false: nothing to ask")
     if h.port == 0:
-        raise GatewayError(f"{path}: [health] port = 0 (random): give --url")
+        raise ConfigError(f"{path}: [health] port = 0 (random): give --url")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(h.listen, h.listen)
     if ":" in host:
         host = f"[{host}]"
@@ -72,7 +72,7 @@ def status(base: str, timeout: float = 5.0) -> tuple[int, str]:
     """(exit status, text) for the gateway answering at ``base``."""
     base = base.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise GatewayError(f"{base}: the health endpoint is an http:// URL")
+        raise ConfigError(f"{base}: the health endpoint is an http:// URL")
     try:
         code, body = fetch(f"{base}/readyz", timeout)
         mcode, mbody = fetch(f"{base}/metrics", timeout)
@@ -80,8 +80,13 @@ def status(base: str, timeout: float = 5.0) -> tuple[int, str]:
         return EXIT_UNREACHABLE, f"gateway at {base}: unreachable ({exc})"
     if code not in (200, 503) or mcode != 200:
         return EXIT_UNREACHABLE, f"gateway at {base}: unexpected answer ({code}, {mcode})"
-    ready = json.loads(body)
-    return (EXIT_READY if code == 200 else EXIT_NOT_READY), render(ready, mbody.decode(), base=base)
+    try:
+        ready = json.loads(body)
+        text = render(ready, mbody.decode(), base=base)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # Something else answers on that port (another service, a proxy page).
+        return EXIT_UNREACHABLE, f"gateway at {base}: not a gateway health endpoint ({exc})"
+    return (EXIT_READY if code == 200 else EXIT_NOT_READY), text
 
 
 def _samples(text: str) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:

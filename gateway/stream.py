@@ -103,7 +103,7 @@ class DeviceStream:
         self.cycles += 1
         records = self.normalize(readings, ts)
         if records:
-            await self.outbox.submit(self.dev, records)
+            await self.outbox.submit(self.dev, records, canonical=True)
             self.records += len(records)
         if any(r.q == GOOD for r in readings):
             self.last_good_ns = ts

@@ -1,4 +1,4 @@
-"""Runs the demo: Mosquitto, the off-gas simulator, the gateway and a live tail.
+"""Runs the demo: Mosquitto, the simulators, the gateway and a live tail.
 
 Everything binds to free loopback ports and keeps its files under .demo/.
 Ctrl-C stops the processes in reverse order (the gateway flushes its outbox).
@@ -37,11 +37,14 @@ def main() -> int:
     broker.start()
     modbus_port = free_port()
     opcua_port = free_port()
+    sila_port = free_port()
     env = dict(
         os.environ,
         DEMO_BROKER_PORT=str(broker.port),
         DEMO_MODBUS_PORT=str(modbus_port),
         DEMO_OPCUA_PORT=str(opcua_port),
+        DEMO_SILA_PORT=str(sila_port),
+        DEMO_SILA_CA=str(work / "sampler-certs" / "ca.crt"),
         DEMO_STATE_DIR=str(work / "state"),
     )
     procs: list[subprocess.Popen[bytes]] = []
@@ -90,6 +93,22 @@ def main() -> int:
         )
         assert balance.stdout is not None
         env["DEMO_BALANCE_PORT"] = _link(balance.stdout.readline().decode())
+        sampler = start(
+            [
+                "simulate",
+                "sampler",
+                "--port",
+                str(sila_port),
+                "--cert-dir",
+                str(work / "sampler-certs"),
+                "--bioreactor",  # samples from the OPC UA bioreactor above
+                f"opc.tcp://127.0.0.1:{opcua_port}/bioreactor",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=sim_log,
+        )
+        assert sampler.stdout is not None
+        sampler.stdout.readline()  # "sampler simulator listening on ..." once it serves
         time.sleep(1.0)
         start(
             ["run", "--config", str(ROOT / "config" / "demo.toml"), "--log-json"],
@@ -100,7 +119,8 @@ def main() -> int:
             f"demo: broker mqtt://127.0.0.1:{broker.port}, bioreactor "
             f"opc.tcp://127.0.0.1:{opcua_port}/bioreactor, off-gas analysers "
             f"modbus://127.0.0.1:{modbus_port} (units 1, 2; 10 simulated min per second), "
-            f"balance on {env['DEMO_BALANCE_PORT']}"
+            f"balance on {env['DEMO_BALANCE_PORT']}, sampler (SiLA 2, TLS) "
+            f"127.0.0.1:{sila_port}"
         )
         print(f"demo: gateway log {work / 'gateway.log'}; verify any time with:")
         print(f"  .venv/bin/gateway verify --port {broker.port} --seconds 10")

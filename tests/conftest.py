@@ -1,12 +1,13 @@
-"""Fixtures: a real Mosquitto per session (and per test where a test stops it)."""
+"""Fixtures: a real Mosquitto per session (and per test where a test stops it); a simulator."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from simulators.offgas import OffGasSimulator
 from tests.support.broker import Mosquitto
 
 
@@ -27,3 +28,13 @@ def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[OffGasSimulator]:
+    """One Modbus TCP off-gas unit, 600x time. A module that needs another simulator
+    (more units, RTU, OPC UA) defines its own ``sim``, which takes precedence."""
+    s = OffGasSimulator(time_scale=600, update_interval=0.05)
+    await s.start()
+    yield s
+    await s.stop()

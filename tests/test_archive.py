@@ -11,10 +11,8 @@ import csv
 import io
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from gateway.archive import CSV_COLUMNS, client_id_for, read_records
 from gateway.cli import main
@@ -27,14 +25,6 @@ from tests.support.broker import Mosquitto
 from tests.support.gateway import Device, GatewaySpec, kill, spawn
 
 DEV = "offgas"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def stored(db: Path, dev: str = DEV) -> list[tuple[int, str]]:

@@ -7,10 +7,7 @@ import asyncio
 import copy
 import re
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from gateway.cli import main
 from gateway.config import BrokerSection
@@ -163,14 +160,6 @@ def example_code() -> str:
 def test_the_documented_example_is_about_twenty_lines() -> None:
     code = [line for line in example_code().splitlines() if line.strip()]
     assert 15 <= len(code) <= 30
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def test_the_documented_example_runs_against_a_real_gateway(

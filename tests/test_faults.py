@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from simulators.offgas import OffGasSimulator
 from tests.support.broker import Mosquitto
 from tests.support.collector import Collector
 from tests.support.gateway import OFFGAS_TAGS, Device, GatewaySpec, kill, running, spawn
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def first_delivery_seqs(records: list[Record], dev: str) -> list[int]:

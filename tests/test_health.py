@@ -11,10 +11,8 @@ import json
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import load_config
@@ -23,14 +21,6 @@ from simulators.offgas import OffGasSimulator
 from tests.support.broker import Mosquitto, free_port
 from tests.support.collector import Collector
 from tests.support.gateway import Device, GatewaySpec, running
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:

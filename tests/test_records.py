@@ -667,3 +667,26 @@ def test_device_reported_unit_is_used_only_when_the_config_has_none() -> None:
     recs = stream.normalize([Reading("a", 1.0, unit="K"), Reading("b", 2.0, unit="g/L")], 1)
     assert [r["unit"] for r in recs] == ["Cel", "g/L"]
     assert stream.normalize([Reading("b", 3.0)], 2)[0]["unit"] == ""
+
+
+def test_normalizer_builds_records_in_canonical_order() -> None:
+    # The stream submits with canonical=True: sealing then packs its dicts
+    # unchecked, so every layout it can produce must already be canonical.
+    from gateway.config import DeviceConfig, TagConfig
+    from gateway.driver import Reading
+    from gateway.record import _is_canonical_layout
+    from gateway.stream import DeviceStream
+
+    dev = DeviceConfig(id="d", driver="x", tags=[TagConfig(name="t", unit="Cel")])
+    stream = DeviceStream("gw", dev, outbox=None)  # type: ignore[arg-type]
+    readings = [
+        Reading("t", 1.5),
+        Reading("t", None, BAD, status=2),
+        Reading("t", 2, src_ts=7),
+        Reading("t", "x", BAD, status="timeout", src_ts=8, unit="K"),
+    ]
+    records = stream.normalize(readings, 123)
+    assert len(records) == 4
+    assert all(_is_canonical_layout(tuple(r)) for r in records)
+    back = decode_payload(Chain().seal_payload("d", records, canonical=True))
+    assert all(record_hash(r) == r["hash"] for r in back)

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,14 +31,6 @@ from tests.support.gateway import Device, GatewaySpec, kill, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY_RELOAD = [sys.executable, "-m", "gateway", "reload", "-c"]
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def sha256(path: Path) -> str:

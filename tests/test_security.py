@@ -15,7 +15,6 @@ import stat
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -212,14 +211,6 @@ def test_password_from_a_systemd_credential(
 
 
 # -- end to end: a real gateway never logs its secrets ----------------------------------------
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def _run_gateway(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

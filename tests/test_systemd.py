@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,14 +83,6 @@ def short_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="gwsd-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[OffGasSimulator]:
-    s = OffGasSimulator(time_scale=600, update_interval=0.05)
-    await s.start()
-    yield s
-    await s.stop()
 
 
 # -- the unit file -----------------------------------------------------------------------------

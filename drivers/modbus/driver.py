@@ -64,6 +64,12 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             else make_decoder(t.data_type, t.byte_order, bit=t.bit, encoding=t.encoding)
             for t in tags
         ]
+        # A uint16 in a single register without byte swap is the register
+        # itself (pymodbus already made it an int 0..65535): no struct round trip.
+        self._direct = [
+            t.data_type == "uint16" and t.byte_order in ("ABCD", "CDAB") and t.count == 1
+            for t in tags
+        ]
         self._client: AsyncModbusTcpClient | None = None
         self._bus: rtu.RtuBus | None = None
         self._unanswered = 0
@@ -203,9 +209,12 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
         self._failing = failing
 
     def _decode(self, out: list[Reading], req: ReadRequest, values: Any) -> None:
-        names, counts, decoders = self._names, self._counts, self._decoders
+        names, counts, decoders, direct = self._names, self._counts, self._decoders, self._direct
         for index, offset in req.members:
             try:
+                if direct[index]:
+                    out.append(Reading(names[index], values[offset]))
+                    continue
                 val = decoders[index](values[offset : offset + counts[index]])
             except (DecodeError, IndexError, ValueError) as exc:
                 out.append(Reading(names[index], None, BAD, f"decode error: {exc}"))

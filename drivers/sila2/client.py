@@ -172,9 +172,9 @@ def make_channel(conn: Sila2Connection, host: str, port: int) -> grpc.Channel:
         # backoff would otherwise grow to minutes.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", int(conn.timeout * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
+        # No HTTP/2 keep-alive pings: a gRPC server's default policy answers
+        # pings more often than every 5 min on a quiet connection with GOAWAY
+        # (too_many_pings). The driver's liveness call does that job.
     ]
     if conn.insecure:
         return grpc.insecure_channel(target, options=options)

@@ -172,7 +172,8 @@ class Sila2Driver(Driver[Sila2Device]):
                 raise DriverError(c.id, f"discovery: {exc}") from exc
         assert host is not None and port is not None
         where = f"{host}:{port}"
-        conn = Connection(c, host, port)
+        # One call thread per polled tag (they poll concurrently) plus the liveness call.
+        conn = Connection(c, host, port, workers=min(16, 2 + len(self.tags)))
         self.conn = conn
         try:
             await conn.open()

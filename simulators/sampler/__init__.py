@@ -48,11 +48,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--uuid", default=None, help="server UUID (default: random)")
     p.add_argument("--name", default="At-line sampler", help="SiLA server name")
+    p.add_argument(
+        "--bioreactor",
+        metavar="URL",
+        help="draw samples from a running bioreactor simulator (opc.tcp://host:port/bioreactor)",
+    )
     return p.parse_args(argv)
 
 
 async def _handle(sim: object, line: str) -> None:
-    from simulators.sampler.server import ErrorMode, SamplerSimulator
+    from simulators.sampler.server import ErrorMode, SampleFailed, SamplerSimulator
 
     assert isinstance(sim, SamplerSimulator)
     words = line.split()
@@ -79,7 +84,7 @@ async def _handle(sim: object, line: str) -> None:
             print(f"ok: sample {n}" if n is not None else "error: sampler busy", flush=True)
         else:
             print(_HELP, flush=True)
-    except ValueError as exc:
+    except (ValueError, SampleFailed) as exc:
         print(f"error: {exc}; {_HELP}", flush=True)
 
 
@@ -100,6 +105,7 @@ async def _serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         server_uuid=UUID(args.uuid) if args.uuid else None,
         name=args.name,
+        bioreactor=args.bioreactor,
     )
     try:
         await asyncio.to_thread(sim.start)

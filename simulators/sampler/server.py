@@ -13,7 +13,9 @@ Two features, defined by the FDL files beside this module
 
 Values come from its own :class:`simulators.bioreactor_model.BioreactorModel`
 (same parameters and seed as the OPC UA bioreactor simulator, so both follow
-the same culture). A sample is drawn every ``sample_interval`` wall seconds, or
+the same culture), or, with ``bioreactor`` (an ``opc.tcp://`` URL), from a
+running bioreactor simulator's Analytics variables at the moment of sampling.
+A sample is drawn every ``sample_interval`` wall seconds, or
 on ``TakeSample``: ``Sampling`` for half of ``analysis_time``, ``Analysing`` for
 the rest, then the results are published.
 
@@ -27,6 +29,7 @@ server, waits, and starts a new one on the same port with the same UUID.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from queue import Queue
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
 from sila2.features.silaservice import SiLAServiceFeature
@@ -68,6 +71,10 @@ class MeasurementFailed(DefinedExecutionError):
 class SamplerBusy(DefinedExecutionError):
     def __init__(self, message: str = "a sample is being taken already") -> None:
         super().__init__(SAMPLER_FEATURE.defined_execution_errors["SamplerBusy"], message)
+
+
+class SampleFailed(Exception):
+    """No sample could be drawn (the bioreactor to sample from did not answer)."""
 
 
 class Faults:
@@ -124,14 +131,14 @@ class CellAnalyserImpl(FeatureImplementationBase):
             setattr(self, f"_{name}_producer_queue", Queue())
             setattr(self, f"{name}_on_subscription", _no_custom_queue)
 
-    def publish(self, values: dict[str, Any] | None) -> None:
-        """New results, or (None) the current error for every result."""
+    def publish(self, values: dict[str, Any] | None, why: str | None = None) -> None:
+        """New results, or (None) the current error (or MeasurementFailed(why)) for each."""
         for name in RESULTS:
             queue: Queue[Any] = getattr(self, f"_{name}_producer_queue")
             if values is None:
                 queue.put(
-                    MeasurementFailed()
-                    if self.sim.faults.error == "defined"
+                    MeasurementFailed(why)
+                    if why is not None or self.sim.faults.error == "defined"
                     else RuntimeError("analyser firmware exception 0x2f")
                 )
             else:
@@ -168,6 +175,47 @@ class SamplerImpl(FeatureImplementationBase):
 
 def _no_custom_queue(*, metadata: Any) -> None:
     return None  # subscribers share the feature's default producer queue
+
+
+class BioreactorSource:
+    """Samples drawn from a running OPC UA bioreactor simulator (``--bioreactor URL``)."""
+
+    NODES: ClassVar[dict[str, str]] = {
+        "ViableCellDensity": "Bioreactor.Analytics.VCD",
+        "Viability": "Bioreactor.Analytics.Viability",
+        "Glucose": "Bioreactor.Analytics.Glucose",
+        "Lactate": "Bioreactor.Analytics.Lactate",
+    }
+
+    def __init__(self, url: str, timeout: float = 2.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._client: Any = None
+        self._nodes: dict[str, Any] = {}
+
+    def read(self) -> dict[str, float]:
+        """The bioreactor's current analytics (blocking; reconnects after a failure)."""
+        from asyncua.sync import Client
+
+        from simulators.bioreactor import NAMESPACE_URI
+
+        try:
+            if self._client is None:
+                client = Client(self.url, timeout=self.timeout)
+                client.connect()
+                self._client = client
+                ns = client.get_namespace_index(NAMESPACE_URI)
+                self._nodes = {k: client.get_node(f"ns={ns};s={v}") for k, v in self.NODES.items()}
+            return {k: float(n.read_value()) for k, n in self._nodes.items()}
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
 
 
 class _Server(SilaServer):
@@ -230,6 +278,7 @@ class SamplerSimulator:
         seed: int = 1,
         server_uuid: UUID | None = None,
         name: str = "At-line sampler",
+        bioreactor: str | None = None,
     ) -> None:
         if not insecure and cert_dir is None:
             raise ValueError("TLS needs cert_dir (where the CA and server certificate are written)")
@@ -245,6 +294,7 @@ class SamplerSimulator:
         self.name = name
         self.faults = Faults()
         self.model = BioreactorModel(seed=seed)
+        self.source = BioreactorSource(bioreactor) if bioreactor else None
         self.certificates: ServerCertificates | None = None
         self.sample_count = 0
         self.state = "Idle"
@@ -326,6 +376,8 @@ class SamplerSimulator:
             self._ticker.join(5)
             self._ticker = None
         self._stop_server()
+        if self.source is not None:
+            self.source.close()
 
     def restart(self, downtime: float = 1.0) -> None:
         """Stop the server (connections drop), wait ``downtime`` s, start again on the same port."""
@@ -364,12 +416,30 @@ class SamplerSimulator:
             self._sampler._State_producer_queue.put(state)  # type: ignore[attr-defined]
 
     def take_sample(self, progress: Callable[[float], None] | None = None) -> int | None:
-        """Draw and analyse one sample (blocking); None if one is running already."""
+        """Draw and analyse one sample (blocking); None if one is running already.
+
+        Raises SampleFailed when ``bioreactor`` is set and cannot be read.
+        """
         if not self._lock.acquire(blocking=False):
             return None
         try:
             drawn = datetime.now(UTC)
             state = self._step_model()
+            analytics = {
+                "ViableCellDensity": state.vcd,
+                "Viability": state.viability,
+                "Glucose": state.glucose,
+                "Lactate": state.lactate,
+            }
+            if self.source is not None:
+                try:
+                    analytics = self.source.read()
+                except Exception as exc:
+                    # No sample could be drawn: every result says so.
+                    why = f"no sample from the bioreactor: {type(exc).__name__}: {exc}"
+                    if self._analyser is not None and self._server is not None:
+                        self._analyser.publish(None, why)
+                    raise SampleFailed(why) from exc
             self._set_state("Sampling")
             steps = 10
             for i in range(steps):
@@ -381,11 +451,11 @@ class SamplerSimulator:
                     return None
             self.faults.wait_while_stalled()
             self.sample_count += 1
-            results = {
-                "ViableCellDensity": round(state.vcd, 4),
-                "Viability": round(state.viability, 2),
-                "Glucose": round(state.glucose, 3),
-                "Lactate": round(state.lactate, 3),
+            results: dict[str, Any] = {
+                "ViableCellDensity": round(analytics["ViableCellDensity"], 4),
+                "Viability": round(analytics["Viability"], 2),
+                "Glucose": round(analytics["Glucose"], 3),
+                "Lactate": round(analytics["Lactate"], 3),
                 "SampleTimestamp": drawn,
             }
             self._last_results = results
@@ -410,7 +480,8 @@ class SamplerSimulator:
             now = time.monotonic()
             if now >= self._next_sample:
                 self._next_sample = now + self.sample_interval
-                self.take_sample()
+                with contextlib.suppress(SampleFailed):  # published as MeasurementFailed
+                    self.take_sample()
 
     def values(self) -> dict[str, Any]:
         """The last results, the state and the count (for the ``values`` command)."""
