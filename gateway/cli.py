@@ -124,21 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         ("verify", "check hashes, chain links and sequence numbers"),
     ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", "-c", type=Path, help="take the broker from this config")
-        s.add_argument("--host", default=None)
-        s.add_argument("--port", type=int, default=None)
-        s.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
-        s.add_argument("--seconds", type=float, default=None, help="stop after this long")
-        s.add_argument(
-            "--public-key",
-            type=Path,
-            action="append",
-            default=[],
-            metavar="FILE",
-            help="check checkpoint signatures with this key (repeat for several keys)",
-        )
+        _subscriber_options(s)
         if name == "tail":
-            s.add_argument("--format", choices=["json", "table"], default="json")
+            s.add_argument(
+                "--format",
+                choices=["json", "table"],
+                default="json",
+                help="json: JSON lines, what verify --capture reads (default); table: to read",
+            )
             s.set_defaults(func=_cmd_tail)
         else:
             src = s.add_mutually_exclusive_group()
@@ -171,13 +164,20 @@ def _parser() -> argparse.ArgumentParser:
     ar.add_argument("action", nargs="?", choices=["export"], help="export: write --db as CSV")
     ar.add_argument("--db", type=Path, required=True, help="the archive's SQLite file")
     ar.add_argument("--csv", type=Path, help="export: the CSV file to write ('-': stdout)")
-    ar.add_argument("--config", "-c", type=Path, help="take the broker from this config")
-    ar.add_argument("--host", default=None)
-    ar.add_argument("--port", type=int, default=None)
-    ar.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
-    ar.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    _subscriber_options(ar)
     ar.add_argument("--client-id", help="MQTT client id (default: derived from --db)")
-    ar.add_argument(
+    ar.set_defaults(func=_cmd_archive)
+    return p
+
+
+def _subscriber_options(s: argparse.ArgumentParser) -> None:
+    """Where tail, verify and archive subscribe, and the keys they check signatures with."""
+    s.add_argument("--config", "-c", type=Path, help="take the broker from this config")
+    s.add_argument("--host", default=None, help="broker host (overrides --config)")
+    s.add_argument("--port", type=int, default=None, help="broker port (overrides --config)")
+    s.add_argument("--topic", default=None, help="default: <prefix>/+/+ (every gateway)")
+    s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument(
         "--public-key",
         type=Path,
         action="append",
@@ -185,8 +185,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="check checkpoint signatures with this key (repeat for several keys)",
     )
-    ar.set_defaults(func=_cmd_archive)
-    return p
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from gateway.record import (
     canonical_bytes,
     check_record,
     decode_payload,
+    merge_ranges,
 )
 from gateway.signing import NoteError, VerifierKey, open_note, parse_checkpoint, parse_note
 
@@ -472,17 +473,6 @@ def _gap_ranges(r: Mapping[str, Any]) -> list[list[int]]:
     for x in ranges or []:
         if isinstance(x, list | tuple) and len(x) == 2 and all(type(v) is int for v in x):
             out.append([x[0], x[1]])
-    return out
-
-
-def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
-    """Union of inclusive [first, last] ranges, sorted, adjacent ones joined."""
-    out: list[list[int]] = []
-    for first, last in sorted((int(a), int(b)) for a, b in ranges):
-        if out and first <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], last)
-        else:
-            out.append([first, last])
     return out
 
 

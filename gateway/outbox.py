@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar
 import msgpack
 
 from gateway.errors import OutboxError
-from gateway.record import BAD, EV_GAP, FORMAT_VERSION, Chain, Record
+from gateway.record import BAD, EV_GAP, FORMAT_VERSION, Chain, Record, merge_ranges
 
 Policy = Literal["drop_oldest", "drop_newest"]
 Durability = Literal["full", "normal"]
@@ -112,17 +112,6 @@ class OutboxStats:
     messages: int
     bytes: int
     oldest_ts: int | None
-
-
-def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
-    """Union of inclusive [first, last] ranges, sorted, adjacent ones joined."""
-    out: list[list[int]] = []
-    for first, last in sorted((int(a), int(b)) for a, b in ranges):
-        if out and first <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], last)
-        else:
-            out.append([first, last])
-    return out
 
 
 class Outbox:

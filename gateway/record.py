@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import msgpack
@@ -183,6 +183,18 @@ def _array_header(n: int) -> bytes:
     if n < 1 << 16:
         return b"\xdc" + n.to_bytes(2, "big")
     return b"\xdd" + n.to_bytes(4, "big")
+
+
+def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
+    """Union of inclusive [first, last] seq ranges (a ``$gap``'s ``info.ranges``), sorted,
+    adjacent ones joined."""
+    out: list[list[int]] = []
+    for first, last in sorted((int(a), int(b)) for a, b in ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
 
 
 def encode_payload(records: list[Record]) -> bytes:

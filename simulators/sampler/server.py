@@ -372,6 +372,7 @@ class SamplerSimulator:
 
     def stop(self) -> None:
         self._halt.set()
+        self.faults.stopping.set()  # releases a sample waiting out a stall
         if self._ticker is not None:
             self._ticker.join(5)
             self._ticker = None
@@ -450,6 +451,8 @@ class SamplerSimulator:
                 if self._halt.wait(self.analysis_time / steps):
                     return None
             self.faults.wait_while_stalled()
+            if self._halt.is_set():
+                return None
             self.sample_count += 1
             results: dict[str, Any] = {
                 "ViableCellDensity": round(analytics["ViableCellDensity"], 4),
