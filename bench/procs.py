@@ -40,7 +40,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd or ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             preexec_fn=_die_with_parent,
         )
 

@@ -21,6 +21,7 @@ from bench.harness import (
     peer_run,
 )
 from bench.procs import usage
+from simulators.plant import DEMO_CONFIG, DemoPlant
 from tests.support.broker import Mosquitto
 
 BLOCKS, BLOCK = 100, 100  # workload M: 100 blocks of 100 holding registers
@@ -372,5 +373,59 @@ def outage(b: Bench) -> dict[str, Any]:
     return out
 
 
-WORKLOADS = {"M": workload_m, "D": workload_d, "O": workload_o, "outage": outage}
+def workload_a(b: Bench) -> dict[str, Any]:
+    """Every driver kind in one gateway: the demo plant and config/demo.toml."""
+    print("A: the demo plant (Modbus TCP, OPC UA, serial, SiLA 2 over TLS)", flush=True)
+    broker = b.broker("A")
+    work = b.work / "plant"
+    work.mkdir(parents=True, exist_ok=True)
+    plant = DemoPlant(work, broker.port, log=(work / "simulators.log").open("ab"))
+    text = DEMO_CONFIG.read_text()
+    devices = text.count("[[devices]]")
+    runs = []
+    try:
+        plant.start(time_scale=600)
+        servers = Servers(plant.procs, [])
+        for _ in range(b.s.runs):
+            run_dir, prefix = b.next_dir("A-gateway")
+            run_dir.mkdir(parents=True)
+            cfg = run_dir / "gateway.toml"
+            # The demo's config as it is, but for the topic prefix of this run, its
+            # own state and a free health port.
+            cfg.write_text(
+                text.replace('topic_prefix = "plant"', f'topic_prefix = "{prefix}"')
+                + "\n[health]\nport = 0\n"
+            )
+            env = dict(plant.env, DEMO_STATE_DIR=str(run_dir / "state"))
+            run = Run(run_dir, broker.port, prefix, "gateway", gateway_argv(cfg), env, devices)
+            try:
+                # The sampler answers every 10 s: a window of several of its polls.
+                r = measure(
+                    run, 0, max(b.s.warmup, 5.0), max(b.s.seconds, 20.0), servers, _pid(broker)
+                )
+            except RuntimeError as exc:
+                print(f"  A: FAILED to run: {exc}", flush=True)
+                runs.append({"error": str(exc), "verify_ok": False})
+                continue
+            print(
+                f"  gateway     all four drivers: {r['delivered_per_s']} good rec/s, "
+                f"CPU {r['cpu_percent']} %, RSS {r['rss_mb']} MB (max {r['rss_mb_max']}, "
+                f"HWM {r['hwm_mb']}), verify {'ok' if r['verify_ok'] else 'FAILED'}",
+                flush=True,
+            )
+            runs.append(r)
+    finally:
+        plant.stop()
+        broker.stop()
+    ok = [r for r in runs if "error" not in r]
+    return {"devices": devices, "median": _median(ok) if ok else {}, "runs": runs}
+
+
+WORKLOADS = {
+    "M": workload_m,
+    "D": workload_d,
+    "O": workload_o,
+    "A": workload_a,
+    "outage": outage,
+}
 __all__ = ["WORKLOADS", "Bench", "Settings", "nodered"]
