@@ -8,6 +8,7 @@ mode (TLS with a generated CA, and insecure) serves the whole module.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sila2.framework.data_types.date import SilaDateType
 
+from drivers.sila2.client import conversion_error, to_value
 from drivers.sila2.config import Sila2Device, parse_property
 from drivers.sila2.driver import Sila2Driver
 from gateway.config import load_config
@@ -344,6 +347,26 @@ def test_config_validation() -> None:
     ):
         with pytest.raises(ValueError, match=msg):
             Sila2Device.model_validate({**base, **wrong})
+
+
+def test_value_conversion() -> None:
+    utc, plus2 = dt.UTC, dt.timezone(dt.timedelta(hours=2))
+    minus = dt.timezone(-dt.timedelta(hours=5, minutes=30))
+    cases = [
+        (SilaDateType(dt.date(2022, 8, 5), plus2), "2022-08-05+02:00"),
+        (SilaDateType(dt.date(2022, 8, 5), utc), "2022-08-05Z"),
+        (SilaDateType(dt.date(2022, 8, 5), minus), "2022-08-05-05:30"),
+        (dt.time(12, 34, 56, 789000, tzinfo=plus2), "12:34:56.789000+02:00"),
+        # Exact to the microsecond (a float timestamp() lands 1 µs short here).
+        (dt.datetime(2004, 2, 20, 5, 37, 15, 1000, tzinfo=utc), 1_077_255_435_001_000_000),
+        (dt.datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=plus2), -7_199_999_999_000),
+        (b"\x01\xff", "01ff"),
+        (True, True),
+    ]
+    for native, want in cases:
+        assert to_value(native) == (want, None), native
+    assert to_value([1, 2]) == (None, "unsupported value type list")
+    assert conversion_error(NotImplementedError("no binary transfer")).startswith("unsupported:")
 
 
 async def test_simulator_stops_cleanly_on_sigterm() -> None:

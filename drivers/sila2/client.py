@@ -20,7 +20,7 @@ from base64 import standard_b64decode
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from sila2.framework import Feature
 from sila2.framework.abc.sila_error import SilaError
 from sila2.framework.constraints.unit import Unit
 from sila2.framework.data_types.constrained import Constrained
+from sila2.framework.errors.validation_error import ValidationError
 
 from drivers.sila2.config import Sila2Connection
 from gateway.driver import Value
@@ -148,14 +149,47 @@ def to_value(native: Any) -> tuple[Value | None, str | None]:
     if isinstance(native, bool | int | float | str):
         return native, None
     if isinstance(native, datetime):
-        return int(native.timestamp() * 1_000_000) * 1000, None
+        # Exact integer arithmetic: timestamp() is a float and can land 1 µs short.
+        if native.tzinfo is None:
+            native = native.replace(tzinfo=UTC)
+        return (native - _EPOCH) // _MICROSECOND * 1000, None
     if isinstance(native, date | time):
         return native.isoformat(), None
     if isinstance(native, bytes | bytearray):
         return bytes(native).hex(), None
-    if isinstance(native, tuple) and len(native) == 2 and isinstance(native[0], time):
-        return native[0].isoformat(), None  # SiLA Time: (time, timezone)
+    if (
+        isinstance(native, tuple)
+        and len(native) == 2
+        and isinstance(native[0], date | time)
+        and isinstance(native[1], tzinfo)
+    ):
+        # sila2's SilaDateType (date, timezone): the XML Schema form, 2024-05-17+02:00
+        return native[0].isoformat() + _offset(native[1]), None
     return None, f"unsupported value type {type(native).__name__}"
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def _offset(tz: tzinfo) -> str:
+    """``+HH:MM`` (``Z`` for UTC) of a fixed-offset timezone."""
+    delta = tz.utcoffset(None) or timedelta(0)
+    if not delta:
+        return "Z"
+    sign = "-" if delta < timedelta(0) else "+"
+    minutes = abs(int(delta.total_seconds())) // 60
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def conversion_error(exc: Exception) -> str:
+    """The ``status`` of a value ``sila2`` could not convert: a constraint it breaks
+    (``ValidationError``) or a form it cannot read (binary transfer, ...)."""
+    if isinstance(exc, ValidationError):
+        return f"ValidationError: {exc}"
+    if isinstance(exc, NotImplementedError):
+        return f"unsupported: {exc}"
+    return f"conversion error {type(exc).__name__}: {exc}"
 
 
 def _read_file(path: Any) -> bytes:
@@ -236,6 +270,16 @@ class Connection:
         method = getattr(self._service_stub, f"Get_{prop_id}")
         msg = method(prop.get_parameters_message(), timeout=self.timeout)
         return prop.to_native_type(msg)
+
+    def server_uuid_blocking(self) -> str:
+        """ServerUUID from a thread (a stream's), bounded by the call deadline."""
+        if self._service_stub is None or self._closed:
+            raise SilaCallError("connection closed", lost=True)
+        try:
+            value: str = self._service_get("ServerUUID")
+        except grpc.RpcError as exc:
+            raise describe_rpc_error(exc) from None
+        return value
 
     async def server_uuid(self) -> str:
         value: str = await self.call(lambda: self._service_get("ServerUUID"), "ServerUUID")

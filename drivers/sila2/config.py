@@ -57,7 +57,8 @@ class Sila2Tag(TagConfig):
     mode: Literal["auto", "subscribe", "poll"] = Field(
         "auto",
         description="auto: subscribe to observable properties, poll unobservable ones; "
-        "poll: read an observable property every poll_interval instead",
+        "poll: read an observable property every poll_interval instead; "
+        "subscribe: the same as auto",
     )
 
     @field_validator("property")
@@ -135,7 +136,8 @@ class Sila2Device(DeviceConfig, Sila2Connection):
         gt=0,
         le=3600,
         description="Seconds before re-subscribing a property whose subscription ended "
-        "with a SiLA error",
+        "with a SiLA error, or ended normally while the server still answers (doubling, "
+        "up to 60 s, while each new subscription ends after one value)",
     )
     buffer_size: int = Field(
         10_000, ge=10, le=10_000_000, description="Values buffered before the streams wait"

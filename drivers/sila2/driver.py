@@ -41,6 +41,7 @@ from drivers.sila2.client import (
     Connection,
     PropertyHandle,
     SilaCallError,
+    conversion_error,
     describe_rpc_error,
     subscribe_stream,
     to_value,
@@ -53,6 +54,11 @@ from gateway.record import BAD
 
 _TICK: Final = 0.2  # seconds between failure checks while no value arrives
 MAX_EMIT: Final = 5000
+_MAX_RESUBSCRIBE: Final = 60.0  # longest wait before re-subscribing a property that ended
+
+
+def _same(a: Reading, b: Reading) -> bool:
+    return a.q == b.q and a.status == b.status and type(a.val) is type(b.val) and a.val == b.val
 
 
 class _Stream(threading.Thread):
@@ -81,20 +87,39 @@ class _Stream(threading.Thread):
         d = self.driver
         name = d.names[self.index]
         prop = self.handle.prop
+        short = 0  # subscriptions in a row that ended normally after a single value
+        last: Reading | None = None  # the last reading of the stream that ended normally
         while not self.stop.is_set():
             try:
                 with self._lock:
                     if self.stop.is_set():
                         return
                     self.call = subscribe_stream(self.handle)
+                n = 0
+                latest: Reading | None = None
                 for msg in self.call:
                     if self.stop.is_set():
                         return
+                    n += 1
                     self.values += 1
-                    self._put(d.reading(self.index, msg, prop))
-                if not self.stop.is_set():
+                    latest = d.reading(self.index, msg, prop)
+                    if n == 1 and last is not None and _same(latest, last):
+                        continue  # the value we already have, again after a re-subscription
+                    self._put(latest)
+                if self.stop.is_set():
+                    return
+                if n == 0:
                     d.lost_from_thread(f"server ended the subscription to {prop._identifier}")
-                return
+                    return
+                # Ended normally after values: a server may close the subscription of a
+                # property whose value is final (SiLA interoperability tests do). A
+                # server that is shutting down ends its streams the same way, so ask
+                # it whether it is still there before treating this as a property end.
+                if not self._server_answers():
+                    return
+                last = latest
+                short = short + 1 if n == 1 else 1
+                self.stop.wait(min(_MAX_RESUBSCRIBE, d.config.resubscribe_delay * 2 ** (short - 1)))
             except grpc.RpcError as exc:
                 if self.stop.is_set():
                     return
@@ -103,6 +128,7 @@ class _Stream(threading.Thread):
                     d.lost_from_thread(f"subscription to {prop._identifier}: {err.status}")
                     return
                 self._put(Reading(name, None, BAD, err.status, None, self.handle.unit))
+                last = None  # the next value is reported, whatever it is
                 self.stop.wait(d.config.resubscribe_delay)
             except Exception as exc:  # a conversion bug must not kill the thread silently
                 if self.stop.is_set():
@@ -110,6 +136,21 @@ class _Stream(threading.Thread):
                 why = f"{type(exc).__name__}: {exc}"
                 d.lost_from_thread(f"subscription to {prop._identifier}: {why}")
                 return
+
+    def _server_answers(self) -> bool:
+        """False (and the device reported lost) unless SiLAService answers now."""
+        d = self.driver
+        conn = d.conn
+        try:
+            if conn is None:
+                raise SilaCallError("connection closed", lost=True)
+            conn.server_uuid_blocking()
+        except SilaCallError as exc:
+            if not self.stop.is_set():
+                prop = self.handle.prop._identifier
+                d.lost_from_thread(f"server ended the subscription to {prop} ({exc.status})")
+            return False
+        return True
 
     def _put(self, reading: Reading) -> None:
         loop = self.driver.loop
@@ -262,7 +303,7 @@ class Sila2Driver(Driver[Sila2Device]):
         try:
             native = prop.to_native_type(msg)
         except Exception as exc:  # sila2 validates constraints while converting
-            return Reading(self.names[index], None, BAD, f"ValidationError: {exc}", None, unit)
+            return Reading(self.names[index], None, BAD, conversion_error(exc), None, unit)
         val, why = to_value(native)
         if why is not None:
             return Reading(self.names[index], None, BAD, why, None, unit)
@@ -359,7 +400,7 @@ class Sila2Driver(Driver[Sila2Device]):
                 self._set_failure(f"poll {handle.prop._identifier}: {exc.status}")
             return Reading(name, None, BAD, exc.status, None, handle.unit)
         except Exception as exc:  # sila2 validates constraints while converting
-            return Reading(name, None, BAD, f"ValidationError: {exc}", None, handle.unit)
+            return Reading(name, None, BAD, conversion_error(exc), None, handle.unit)
         val, why = to_value(native)
         if why is not None:
             return Reading(name, None, BAD, why, None, handle.unit)
