@@ -250,6 +250,15 @@ def _d_table(res: dict[str, Any]) -> list[str]:
         "| latency p50 / p99 ms | verify |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    tail = [
+        "",
+        "CPU per record rises with the number of devices because each device cycle "
+        "(a Modbus request, its wake-ups, one MQTT message, one outbox row) costs about "
+        "180 µs whatever it holds: the profile and what bounds it are in "
+        "[bench/README.md](../bench/README.md"
+        "#why-cpu-per-record-grows-with-the-number-of-devices-workload-ds-target-is-missed) "
+        "(`python -m bench.profile --devices N` reproduces it).",
+    ]
     for row in d["rows"]:
         r = row.get("median") or {}
         lines.append(
@@ -259,7 +268,7 @@ def _d_table(res: dict[str, Any]) -> list[str]:
             f"| {_f(r.get('latency_ms_p50'))} / {_f(r.get('latency_ms_p99'))} "
             f"| {'ok' if r.get('verify_ok') else 'FAILED'} |"
         )
-    return lines
+    return lines + tail
 
 
 def _o_table(res: dict[str, Any]) -> list[str]:

@@ -27,6 +27,22 @@ from gateway.config import BrokerSection
 from gateway.errors import ConfigError, GatewayError
 
 
+class _PackedOnce(Properties):
+    """Publish properties that never change after the first use: paho packs the
+    properties of every PUBLISH anew (a loop over all property names), which
+    costs more per message than the rest of building the packet."""
+
+    _packed: bytes | None = None
+
+    def pack(self) -> bytes:
+        packed = self._packed
+        if packed is None:
+            packed = super().pack()  # type: ignore[no-untyped-call]
+            # Properties.__setattr__ accepts only MQTT property names.
+            object.__setattr__(self, "_packed", packed)
+        return packed
+
+
 class MqttError(GatewayError):
     """The broker refused us or the connection failed."""
 
@@ -245,7 +261,7 @@ class AsyncMqtt:
             # more than the rest of paho's publish. paho only reads it.
             props = self._props.get(content_type)
             if props is None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props = _PackedOnce(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.ContentType = content_type
                 self._props[content_type] = props
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)

@@ -71,6 +71,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             for t in tags
         ]
         self._client: AsyncModbusTcpClient | None = None
+        self._readers: dict[str, Callable[..., Awaitable[Any]]] | None = None
         self._bus: rtu.RtuBus | None = None
         self._unanswered = 0
         self._failing: int | str | None = None  # status of the last failing request
@@ -88,6 +89,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             c.host, port=c.port, timeout=c.timeout, retries=0, reconnect_delay=0
         )
         self._client = client
+        self._readers = None
         if not await client.connect():
             raise DriverError(c.id, f"cannot connect to {c.host}:{c.port}")
         self._unanswered = 0
@@ -127,20 +129,16 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             rtu.release(self._bus, self.config.id)
             self._bus = None
 
-    def _reader(self, req: ReadRequest) -> Callable[..., Awaitable[Any]]:
-        assert self._client is not None
-        client = self._client
-        return {
-            "holding": client.read_holding_registers,
-            "input": client.read_input_registers,
-            "coil": client.read_coils,
-            "discrete": client.read_discrete_inputs,
-        }[req.table]
-
     async def _read(self, req: ReadRequest) -> Any:
         c = self.config
         if self._bus is None:
-            return await self._reader(req)(req.address, count=req.count, device_id=c.unit_id)
+            # The client's read method of each table, looked up once per connection.
+            readers = self._readers
+            if readers is None:
+                client = self._client
+                assert client is not None
+                readers = self._readers = {t: getattr(client, m) for t, m in _READ_METHODS.items()}
+            return await readers[req.table](req.address, count=req.count, device_id=c.unit_id)
         method = _READ_METHODS[req.table]
 
         def call(client: Any) -> Awaitable[Any]:
