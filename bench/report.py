@@ -429,6 +429,7 @@ def render(res: dict[str, Any]) -> str:
         "## Reproduce",
         "",
         "```sh",
+        "scripts/bench                        # on a fresh machine: setup, then everything",
         ".venv/bin/python -m bench            # everything, the peer side by side (npm, first use)",
         ".venv/bin/python -m bench M --quick  # a short check",
         "```",
