@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from simulators.children import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -20,12 +20,6 @@ def python() -> str:
     """The repo's venv interpreter (what `./scripts/setup` installs), else this one."""
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
-
-
-def _die_with_parent() -> None:
-    # A killed harness must not leave gateways, servers or Node-RED behind.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def spawn(
@@ -41,7 +35,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             cwd=cwd or ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 

@@ -253,8 +253,8 @@ def _d_table(res: dict[str, Any]) -> list[str]:
     tail = [
         "",
         "CPU per record rises with the number of devices because each device cycle "
-        "(a Modbus request, its wake-ups, one MQTT message, one outbox row) costs about "
-        "180 µs whatever it holds: the profile and what bounds it are in "
+        "(a Modbus request, its wake-ups, one MQTT message, one outbox row) has a cost of "
+        "its own whatever it holds: a profile and what bounds it are in "
         "[bench/README.md](../bench/README.md"
         "#why-cpu-per-record-grows-with-the-number-of-devices-workload-ds-target-is-missed) "
         "(`python -m bench.profile --devices N` reproduces it).",

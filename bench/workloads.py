@@ -380,8 +380,7 @@ def workload_a(b: Bench) -> dict[str, Any]:
     work = b.work / "plant"
     work.mkdir(parents=True, exist_ok=True)
     plant = DemoPlant(work, broker.port, log=(work / "simulators.log").open("ab"))
-    text = DEMO_CONFIG.read_text()
-    devices = text.count("[[devices]]")
+    devices = DEMO_CONFIG.read_text().count("[[devices]]")
     runs = []
     try:
         plant.start(time_scale=600)
@@ -389,13 +388,7 @@ def workload_a(b: Bench) -> dict[str, Any]:
         for _ in range(b.s.runs):
             run_dir, prefix = b.next_dir("A-gateway")
             run_dir.mkdir(parents=True)
-            cfg = run_dir / "gateway.toml"
-            # The demo's config as it is, but for the topic prefix of this run, its
-            # own state and a free health port.
-            cfg.write_text(
-                text.replace('topic_prefix = "plant"', f'topic_prefix = "{prefix}"')
-                + "\n[health]\nport = 0\n"
-            )
+            cfg = plant.write_config(run_dir / "gateway.toml", prefix)
             env = dict(plant.env, DEMO_STATE_DIR=str(run_dir / "state"))
             run = Run(run_dir, broker.port, prefix, "gateway", gateway_argv(cfg), env, devices)
             try:

@@ -7,16 +7,15 @@ one gateway), so both run exactly the same plant.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from simulators.children import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "config" / "demo.toml"
@@ -25,18 +24,6 @@ DEMO_CONFIG = ROOT / "config" / "demo.toml"
 def _gateway_command() -> list[str]:
     venv = ROOT / ".venv" / "bin" / "gateway"
     return [str(venv)] if venv.exists() else [sys.executable, "-m", "gateway"]
-
-
-def _die_with_parent() -> None:
-    # A killed demo or benchmark must not leave simulators behind.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _link(line: str) -> str:
@@ -76,7 +63,7 @@ class DemoPlant:
             [*_gateway_command(), *args],
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             **kw,
         )
         self.procs.append(proc)
@@ -113,6 +100,15 @@ class DemoPlant:
             ]
         )
         time.sleep(1.0)
+
+    def write_config(self, path: Path, topic_prefix: str = "plant") -> Path:
+        """``config/demo.toml`` for a run beside the demo's own: its topic prefix and
+        a free health port (the state dir comes from ``env``)."""
+        text = DEMO_CONFIG.read_text().replace(
+            'topic_prefix = "plant"', f'topic_prefix = "{topic_prefix}"'
+        )
+        path.write_text(text + "\n[health]\nport = 0\n")
+        return path
 
     @property
     def bioreactor_url(self) -> str:

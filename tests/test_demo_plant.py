@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from simulators.plant import DEMO_CONFIG, DemoPlant
+from simulators.plant import DemoPlant
 from tests.support.broker import Mosquitto
 from tests.support.collector import Collector
 
@@ -24,9 +24,7 @@ async def test_demo_plant_delivers_verified_records_from_every_device(
     plant = DemoPlant(tmp_path, broker.port, log=log)
     try:
         plant.start(time_scale=600)
-        # A fresh state dir and a free health port; the topic prefix stays "plant".
-        cfg = tmp_path / "gateway.toml"
-        cfg.write_text(DEMO_CONFIG.read_text() + "\n[health]\nport = 0\n")
+        cfg = plant.write_config(tmp_path / "gateway.toml")  # state dir: tmp_path/state
         async with Collector(broker.port, "plant/demo-gw/#") as col:
             gw = plant.spawn(["run", "--config", str(cfg)])
 

@@ -89,7 +89,8 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
             c.host, port=c.port, timeout=c.timeout, retries=0, reconnect_delay=0
         )
         self._client = client
-        self._readers = None
+        # The client's read method of each table, looked up once, not per request.
+        self._readers = {t: getattr(client, m) for t, m in _READ_METHODS.items()}
         if not await client.connect():
             raise DriverError(c.id, f"cannot connect to {c.host}:{c.port}")
         self._unanswered = 0
@@ -125,6 +126,7 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
         if self._client is not None:
             self._client.close()
             self._client = None
+            self._readers = None
         if self._bus is not None:
             rtu.release(self._bus, self.config.id)
             self._bus = None
@@ -132,13 +134,9 @@ class ModbusDriver(PolledDriver[ModbusDevice]):
     async def _read(self, req: ReadRequest) -> Any:
         c = self.config
         if self._bus is None:
-            # The client's read method of each table, looked up once per connection.
-            readers = self._readers
-            if readers is None:
-                client = self._client
-                assert client is not None
-                readers = self._readers = {t: getattr(client, m) for t, m in _READ_METHODS.items()}
-            return await readers[req.table](req.address, count=req.count, device_id=c.unit_id)
+            assert self._readers is not None
+            read = self._readers[req.table]
+            return await read(req.address, count=req.count, device_id=c.unit_id)
         method = _READ_METHODS[req.table]
 
         def call(client: Any) -> Awaitable[Any]:

@@ -140,17 +140,17 @@ class _Stream(threading.Thread):
     def _server_answers(self) -> bool:
         """False (and the device reported lost) unless SiLAService answers now."""
         d = self.driver
-        conn = d.conn
         try:
-            if conn is None:
-                raise SilaCallError("connection closed", lost=True)
-            conn.server_uuid_blocking()
+            if d.conn is not None:
+                d.conn.server_uuid_blocking()
+                return True
+            why = "connection closed"
         except SilaCallError as exc:
-            if not self.stop.is_set():
-                prop = self.handle.prop._identifier
-                d.lost_from_thread(f"server ended the subscription to {prop} ({exc.status})")
-            return False
-        return True
+            why = exc.status
+        if not self.stop.is_set():
+            prop = self.handle.prop._identifier
+            d.lost_from_thread(f"server ended the subscription to {prop} ({why})")
+        return False
 
     def _put(self, reading: Reading) -> None:
         loop = self.driver.loop

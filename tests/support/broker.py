@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import getpass
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from simulators.children import die_with_parent, free_port
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the broker if the process that started it dies (a killed
-    test run or demo must not leave brokers behind)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Mosquitto", "free_port", "mosquitto_binary"]
 
 
 def mosquitto_binary() -> str:
@@ -79,7 +65,7 @@ class Mosquitto:
                     stdout=log,
                     stderr=log,
                     start_new_session=True,  # Ctrl-C in a demo must not kill it first
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             if self._wait_listening(deadline):
                 return

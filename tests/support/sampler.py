@@ -86,6 +86,29 @@ class SamplerProcess:
         return code, time.monotonic() - started
 
 
+def sila_block(
+    dev_id: str,
+    port: int,
+    ca: Path | None,
+    tags: dict[str, str],
+    *,
+    poll_interval: float = 0.2,
+    timeout: float = 1.0,
+    extra: str = "",
+) -> str:
+    """A [[devices]] block for a SiLA 2 server on 127.0.0.1 (insecure without ``ca``):
+    tag name -> fully qualified property; fast liveness checks and re-subscriptions."""
+    trust = "insecure = true\n" if ca is None else f'ca = "{ca}"\n'
+    out = [
+        f'[[devices]]\nid = "{dev_id}"\ndriver = "sila2"\nhost = "127.0.0.1"\n'
+        f"port = {port}\n{trust}timeout = {timeout}\npoll_interval = {poll_interval}\n"
+        f"liveness_interval = 0.5\nresubscribe_delay = 0.3\n{extra}"
+    ]
+    for name, prop in tags.items():
+        out.append(f'[[devices.tags]]\nname = "{name}"\nproperty = "{prop}"\n')
+    return "\n".join(out)
+
+
 def sila_device_toml(
     dev_id: str,
     sampler: SamplerProcess,
@@ -95,7 +118,6 @@ def sila_device_toml(
     extra: str = "",
 ) -> str:
     """A [[devices]] block reading every property of the simulator."""
-    trust = "insecure = true\n" if sampler.ca is None else f'ca = "{sampler.ca}"\n'
     tags = {
         "vcd": f"{ANALYSER}/Property/ViableCellDensity",
         "viability": f"{ANALYSER}/Property/Viability",
@@ -107,11 +129,12 @@ def sila_device_toml(
         "count": f"{SAMPLER}/Property/SampleCount",
         "interval": f"{SAMPLER}/Property/SampleInterval",
     }
-    out = [
-        f'[[devices]]\nid = "{dev_id}"\ndriver = "sila2"\nhost = "127.0.0.1"\n'
-        f"port = {sampler.port}\n{trust}timeout = {timeout}\npoll_interval = {poll_interval}\n"
-        f"liveness_interval = 0.5\nresubscribe_delay = 0.3\n{extra}"
-    ]
-    for name, prop in tags.items():
-        out.append(f'[[devices.tags]]\nname = "{name}"\nproperty = "{prop}"\n')
-    return "\n".join(out)
+    return sila_block(
+        dev_id,
+        sampler.port,
+        sampler.ca,
+        tags,
+        poll_interval=poll_interval,
+        timeout=timeout,
+        extra=extra,
+    )

@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 from uuid import uuid4
 
-from tests.support.broker import free_port
+from simulators.children import free_port
+from tests.support.sampler import sila_block
 
 TEST = "org.silastandard/test"
 
@@ -61,17 +62,10 @@ class InteropServer:
             async with asyncio.timeout(10):
                 await self.proc.wait()
 
-    def device_toml(self, dev_id: str, tags: dict[str, str], extra: str = "") -> str:
+    def device_toml(self, dev_id: str, tags: dict[str, str]) -> str:
         """A [[devices]] block: tag name -> property path below ``org.silastandard/test``."""
-        trust = "insecure = true\n" if self.ca is None else f'ca = "{self.ca}"\n'
-        out = [
-            f'[[devices]]\nid = "{dev_id}"\ndriver = "sila2"\nhost = "127.0.0.1"\n'
-            f"port = {self.port}\n{trust}timeout = 1.0\npoll_interval = 0.5\n"
-            f"liveness_interval = 0.5\nresubscribe_delay = 0.3\n{extra}"
-        ]
-        for name, prop in tags.items():
-            out.append(f'[[devices.tags]]\nname = "{name}"\nproperty = "{TEST}/{prop}"\n')
-        return "\n".join(out)
+        props = {name: f"{TEST}/{prop}" for name, prop in tags.items()}
+        return sila_block(dev_id, self.port, self.ca, props, poll_interval=0.5)
 
 
 def main() -> None:
